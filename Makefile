@@ -1,0 +1,49 @@
+# InferenceFleet: every target has a one-line description; `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL ?= builtin:resnet18
+
+.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-local bench-operator clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+setup: ## create .venv/ with everything installed (torch, grpc, kopf, dev tools)
+	@scripts/setup-venv.sh
+
+cluster-build: ## build the pinned test-cluster binaries (etcd, kube-*, kwok, helm) into ~/.cache
+	@e2e/build.sh
+
+demo: setup ## run the main job: a local fleet from examples/fleet.yaml, served and benchmarked
+	@scripts/demo.sh
+
+test: setup cluster-build ## set everything up and run every test: lint, types, unit, integration, e2e
+	@$(MAKE) --no-print-directory lint typecheck
+	@$(PY) -m pytest
+
+lint: ## ruff
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+
+typecheck: ## mypy --strict
+	@$(VENV)/bin/mypy server/fleet_server operator/fleet_operator
+
+unit: setup ## only the tests that need no process, network or cluster
+	@$(PY) -m pytest -m "not integration and not e2e"
+
+proto: ## regenerate the protobuf/gRPC code next to server/fleet_server/proto/inference.proto
+	@$(PY) -m grpc_tools.protoc -I server --python_out=server --pyi_out=server --grpc_python_out=server server/fleet_server/proto/inference.proto
+
+bench-server: setup ## raw model vs served frames/s and added latency (MODEL=builtin:resnet18)
+	@$(PY) bench/bench_server.py --model $(MODEL)
+
+bench-local: setup ## 1 worker at batch 1 vs the example fleet's best configuration
+	@$(PY) bench/bench_local.py
+
+bench-operator: setup cluster-build ## apply→Ready for 100 replicas, scale latency p50/p99, on the test cluster
+	@$(PY) bench/bench_operator.py
+
+clean: ## remove build outputs (keeps .venv and the cluster cache)
+	rm -rf build *.egg-info .mypy_cache .ruff_cache .pytest_cache
