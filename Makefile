@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= builtin:resnet18
 
-.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-local bench-operator clean
+.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-local bench-operator clean chart-sync-crd
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -44,6 +44,11 @@ bench-local: setup ## 1 worker at batch 1 vs the example fleet's best configurat
 
 bench-operator: setup cluster-build ## apply→Ready for 100 replicas, scale latency p50/p99, on the test cluster
 	@$(PY) bench/bench_operator.py
+
+chart-sync-crd: ## copy crds/inferencefleet.yaml into the Helm chart (after every CRD change; a test checks they match)
+	@mkdir -p charts/inferencefleet/crds
+	@cp crds/inferencefleet.yaml charts/inferencefleet/crds/inferencefleet.yaml
+	@echo "charts/inferencefleet/crds/inferencefleet.yaml updated from crds/inferencefleet.yaml"
 
 clean: ## remove build outputs (keeps .venv and the cluster cache)
 	rm -rf build *.egg-info .mypy_cache .ruff_cache .pytest_cache

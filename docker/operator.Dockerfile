@@ -1,0 +1,36 @@
+# syntax=docker/dockerfile:1
+# The operator image: `inferencefleet operator` (kopf). It needs no PyTorch: the project is
+# installed without its dependencies, then only the operator's own, at the locked versions.
+#
+#   docker build -f docker/operator.Dockerfile -t REGISTRY/inferencefleet-operator:TAG .
+#   docker push REGISTRY/inferencefleet-operator:TAG
+#   helm upgrade --install ... --set image.repository=REGISTRY/inferencefleet-operator \
+#       --set image.tag=TAG
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+RUN python -m venv /opt/inferencefleet
+COPY requirements.lock pyproject.toml README.md ./
+COPY server/ server/
+COPY operator/ operator/
+COPY crds/inferencefleet.yaml /opt/inferencefleet/crds/inferencefleet.yaml
+RUN /opt/inferencefleet/bin/pip install --no-deps . \
+ && /opt/inferencefleet/bin/pip install --constraint requirements.lock \
+        kopf kubernetes pyyaml jsonschema \
+ && INFERENCEFLEET_CRD=/opt/inferencefleet/crds/inferencefleet.yaml \
+    /opt/inferencefleet/bin/python -c "import fleet_operator.main, fleet_operator.spec as s; s.crd()"
+
+FROM ${PYTHON_IMAGE}
+COPY --from=build /opt/inferencefleet /opt/inferencefleet
+ENV PATH=/opt/inferencefleet/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    INFERENCEFLEET_CRD=/opt/inferencefleet/crds/inferencefleet.yaml
+# Non-root, numeric (the chart sets runAsNonRoot and a read-only root filesystem).
+USER 65532:65532
+# The health endpoint (/healthz) for the liveness probe and `helm test`.
+EXPOSE 8080
+ENTRYPOINT ["inferencefleet", "operator"]

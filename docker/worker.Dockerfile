@@ -1,0 +1,38 @@
+# syntax=docker/dockerfile:1
+# The inference worker image: `inferencefleet serve` on a CUDA-enabled PyTorch.
+#
+# The PyTorch pinned in requirements.lock is PyPI's Linux x86_64 wheel, which is built with CUDA
+# and brings its CUDA libraries (cuDNN, cuBLAS, NCCL, ...) as nvidia-* wheels; the container
+# needs only the NVIDIA driver, which the NVIDIA container toolkit mounts at run time. Installing
+# with the lock as constraints keeps the image on exactly the versions the tests ran with.
+#
+#   docker build -f docker/worker.Dockerfile -t REGISTRY/inferencefleet-worker:TAG .
+#   docker push REGISTRY/inferencefleet-worker:TAG
+#   helm upgrade --install ... --set workerImage.repository=REGISTRY/inferencefleet-worker \
+#       --set workerImage.tag=TAG
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+RUN python -m venv /opt/inferencefleet
+COPY requirements.lock pyproject.toml README.md ./
+COPY server/ server/
+COPY operator/ operator/
+# Runtime dependencies only (the lock also pins the dev tools), at the locked versions.
+RUN /opt/inferencefleet/bin/pip install --constraint requirements.lock . \
+ && /opt/inferencefleet/bin/python -c "import torch; assert torch.version.cuda, 'CPU-only torch'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+FROM ${PYTHON_IMAGE}
+COPY --from=build /opt/inferencefleet /opt/inferencefleet
+ENV PATH=/opt/inferencefleet/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    HOME=/tmp
+# Non-root, numeric (Pod Security `restricted` checks runAsNonRoot against a numeric UID).
+USER 65532:65532
+# 8001: Open Inference Protocol (gRPC); 8002: Prometheus metrics.
+EXPOSE 8001 8002
+ENTRYPOINT ["inferencefleet", "serve"]
