@@ -1,1 +1,1 @@
-"""The InferenceFleet control plane: fleet spec, kopf operator, GPU sharing and the local runtime."""
+"""The InferenceFleet control plane: fleet spec, kopf operator, GPU sharing, local runtime."""

@@ -1,0 +1,119 @@
+"""Unit tests of parse_fleet: the CRD's defaults, schema and CEL rules, and field-naming errors."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fleet_operator import spec as fleet_spec
+from fleet_operator.spec import FleetSpecError, load_fleet, parse_fleet
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
+
+
+def _rules(schema: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(schema, dict):
+        found += [rule["rule"] for rule in schema.get("x-kubernetes-validations", [])]
+        for value in schema.values():
+            found += _rules(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            found += _rules(value)
+    return found
+
+
+def test_minimal_fleet_gets_every_default() -> None:
+    fleet = parse_fleet(
+        {
+            "apiVersion": "inferencefleet.dev/v1alpha1",
+            "kind": "InferenceFleet",
+            "metadata": {"name": "tiny"},
+            "spec": {"model": {"source": "builtin:tiny"}},
+        }
+    )
+    assert fleet.namespace == "default"
+    assert fleet.replicas == 1
+    assert fleet.processes_per_pod == 1
+    assert fleet.model.precision == "fp16"
+    assert fleet.model.served_name == "tiny"
+    assert fleet.batching.as_config() == {
+        "maxBatchSize": 8,
+        "maxQueueDelayMicroseconds": 2000,
+        "maxQueueSize": 64,
+    }
+    assert (fleet.gpu.product, fleet.gpu.sharing, fleet.gpu.workers_per_gpu) == (None, "none", 1)
+    assert fleet.gpu.memory_per_worker_mib == 2048
+
+
+def test_example_fleet_parses() -> None:
+    fleet = load_fleet(EXAMPLE)
+    assert fleet.name == "detector"
+    assert fleet.gpu.product == "NVIDIA-RTX-6000-Ada-Generation"
+    assert fleet.gpu.sharing == "timeSlicing"
+    assert fleet.gpu.workers_per_gpu == 4
+    assert fleet.batching.max_batch_size == 8
+
+
+def test_file_model_on_a_volume(valid_fleet: dict[str, Any]) -> None:
+    valid_fleet["spec"]["model"] = {
+        "source": "/models/detector.pt2",
+        "volume": {"claimName": "weights"},
+    }
+    fleet = parse_fleet(valid_fleet)
+    assert fleet.model.claim_name == "weights"
+    assert fleet.model.served_name == "detector"
+    assert not fleet.model.is_builtin
+
+
+def test_parse_does_not_change_its_input(valid_fleet: dict[str, Any]) -> None:
+    before = copy.deepcopy(valid_fleet)
+    del valid_fleet["spec"]["batching"]
+    del before["spec"]["batching"]
+    parse_fleet(valid_fleet)
+    assert valid_fleet == before
+
+
+def test_invalid_fleet_error_names_the_field(invalid_fleet: Any) -> None:
+    with pytest.raises(FleetSpecError) as caught:
+        parse_fleet(invalid_fleet.manifest)
+    assert caught.value.field == invalid_fleet.field
+    assert invalid_fleet.field in str(caught.value)
+
+
+def test_error_message_reads_well(valid_fleet: dict[str, Any]) -> None:
+    valid_fleet["spec"]["batching"]["maxBatchSize"] = 0
+    with pytest.raises(FleetSpecError, match=r"^spec\.batching\.maxBatchSize: must be >= 1"):
+        parse_fleet(valid_fleet)
+
+
+def test_wrong_kind_is_rejected(valid_fleet: dict[str, Any]) -> None:
+    valid_fleet["kind"] = "Deployment"
+    with pytest.raises(FleetSpecError, match="kind"):
+        parse_fleet(valid_fleet)
+
+
+def test_every_cel_rule_has_a_python_twin() -> None:
+    assert set(_rules(fleet_spec.crd())) == set(fleet_spec.CEL_RULES)
+
+
+def test_crd_declares_the_scale_subresource_and_short_name() -> None:
+    document = fleet_spec.crd()
+    version = document["spec"]["versions"][0]
+    assert document["spec"]["names"]["shortNames"] == ["ifleet"]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    assert any(column.get("priority") == 1 for column in version["additionalPrinterColumns"])
+
+
+def test_load_fleet_rejects_a_non_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(["not", "a", "fleet"]))
+    with pytest.raises(FleetSpecError, match="mapping"):
+        load_fleet(path)
