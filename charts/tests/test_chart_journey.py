@@ -1,0 +1,277 @@
+"""The README's Kubernetes journey on the test cluster: install, apply, scale, edit, uninstall."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "inferencefleet"
+EXAMPLE = ROOT / "examples" / "fleet.yaml"
+RELEASE = "inferencefleet"
+
+ADA = "NVIDIA-RTX-6000-Ada-Generation"
+CRD_NAME = "inferencefleets.inferencefleet.dev"
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    for cond in obj.get("status", {}).get("conditions", []):
+        if cond["type"] == kind:
+            return dict(cond)
+    return {}
+
+
+def is_ready(obj: dict[str, Any], replicas: int) -> bool:
+    status = obj.get("status", {})
+    return (
+        condition(obj, "Ready").get("status") == "True"
+        and status.get("observedGeneration") == obj["metadata"]["generation"]
+        and status.get("replicas") == replicas
+        and status.get("readyReplicas") == replicas
+    )
+
+
+def test_lint_and_server_side_dry_run(cluster: Any, namespace: str) -> None:
+    """Step 1: the chart lints strictly and every rendered object passes the real apiserver."""
+    lint = cluster.helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in lint.stdout
+    rendered = cluster.helm(
+        "template", RELEASE, str(CHART), "--namespace", namespace, "--include-crds"
+    ).stdout
+    applied = cluster.kubectl(
+        "apply", "--dry-run=server", "-n", namespace, "-f", "-", input=rendered
+    )
+    lines = applied.stdout.splitlines()
+    assert any(line.startswith("deployment.apps/inferencefleet ") for line in lines), lines
+    assert any(f"customresourcedefinition.apiextensions.k8s.io/{CRD_NAME}" in ln for ln in lines)
+    assert all("(server dry run)" in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("logLevel=3", "at '/logLevel': got number, want string"),
+        ("replicas=2", "additional properties 'replicas' not allowed"),
+    ],
+)
+def test_install_with_bad_values_fails_with_the_schema_message(
+    cluster: Any, namespace: str, flag: str, message: str
+) -> None:
+    out = cluster.helm("install", RELEASE, str(CHART), "-n", namespace, "--set", flag, check=False)
+    assert out.returncode != 0
+    assert "values don't meet the specifications of the schema" in out.stderr
+    assert message in out.stderr
+    assert cluster.helm("list", "-n", namespace, "-q").stdout.strip() == ""
+
+
+def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
+    """Steps 2-6, in order, as a user would run them (the README's Kubernetes section)."""
+    j, ns = journey, namespace
+    cluster = j.cluster
+    cluster.kubectl(
+        "label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted", "--overwrite"
+    )
+    with j.extra_namespace(f"{ns}-elsewhere") as elsewhere:
+        # 2. install, run the operator with the chart's ServiceAccount, helm test.
+        install = cluster.helm(
+            "install", RELEASE, str(CHART), "-n", ns,
+            "--set", f"watchNamespaces={{{ns}}}", "--wait", "--timeout", "120s",
+        )  # fmt: skip
+        notes = install.stdout.split("NOTES:", 1)[1]
+        assert f"kubectl apply -n {ns} -f examples/fleet.yaml" in notes
+        assert f"helm test {RELEASE} -n {ns}" in notes
+        args = j.operator_args(ns, RELEASE)
+        assert f"--namespace={ns}" in args
+        with j.local_operator(ns, RELEASE, args, tmp_path / "op1") as operator:
+            test = cluster.helm("test", RELEASE, "-n", ns, "--timeout", "120s")
+            assert "Phase:          Succeeded" in test.stdout
+            assert operator.healthy()
+
+            # A fleet where the operator does not look: applied first, so that by the time
+            # the watched fleet is Ready, this one has had every chance to be (wrongly) seen.
+            cluster.kubectl("apply", "-n", elsewhere, "-f", str(EXAMPLE))
+
+            # 3. apply the example fleet in the restricted namespace.
+            cluster.kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
+            j.wait_for(lambda: is_ready(j.fleet(ns), 2), 180, "detector Ready with 2")
+            check_placement(j, ns, replicas=2)
+            check_printer_columns(j, ns)
+            check_left_alone(j, elsewhere)
+
+            # 4. scale up, down, and past capacity.
+            for replicas in (6, 1):
+                cluster.kubectl("scale", "-n", ns, "ifleet/detector", f"--replicas={replicas}")
+                j.wait_for(lambda r=replicas: is_ready(j.fleet(ns), r), 180, f"{replicas}")
+                assert len(j.fleet_pods(ns)) == replicas
+            check_past_capacity(j, ns)
+            cluster.kubectl("scale", "-n", ns, "ifleet/detector", "--replicas=2")
+            j.wait_for(lambda: is_ready(j.fleet(ns), 2), 180, "back to 2")
+
+            # 5. batching edits restart nothing; an image edit rolls out.
+            check_batching_edit_keeps_pods(j, ns)
+            check_image_edit_rolls_out(j, ns)
+
+        # 6. upgrade with changed values; the operator comes back with the new flags.
+        cluster.helm(
+            "upgrade", RELEASE, str(CHART), "-n", ns, "--reuse-values",
+            "--set", "logLevel=debug", "--set", "resources.limits.memory=384Mi",
+            "--wait", "--timeout", "120s",
+        )  # fmt: skip
+        args = j.operator_args(ns, RELEASE)
+        assert "--log-level=debug" in args
+        deployment = json.loads(
+            cluster.kubectl("get", "deployment", RELEASE, "-n", ns, "-o", "json").stdout
+        )
+        limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["memory"] == "384Mi"
+        history = json.loads(cluster.helm("history", RELEASE, "-n", ns, "-o", "json").stdout)
+        assert [(h["revision"], h["status"]) for h in history][-1] == (2, "deployed")
+        with j.local_operator(ns, RELEASE, args, tmp_path / "op2"):
+            cluster.kubectl("patch", "-n", ns, "ifleet/detector", "--type=merge",
+                            "-p", '{"spec":{"replicas":3}}')  # fmt: skip
+            j.wait_for(lambda: is_ready(j.fleet(ns), 3), 180, "upgraded operator reconciles")
+            # Fleets go before the operator: it removes their finalizers and gives nodes back.
+            cluster.kubectl("delete", "-n", ns, "-f", str(EXAMPLE), "--wait=true", "--timeout=120s")
+        check_uninstall(j, ns)
+        check_left_alone(j, elsewhere)
+
+
+def check_placement(j: Any, ns: str, replicas: int) -> None:
+    """Worker pods run on RTX 6000 Ada nodes that advertise 4 slots per physical GPU."""
+    pods = j.fleet_pods(ns)
+    assert len(pods) == replicas
+    nodes = {
+        n["metadata"]["name"]: n
+        for n in json.loads(j.cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    }
+    for pod in pods:
+        assert pod["status"]["phase"] == "Running", pod["metadata"]["name"]
+        (container,) = pod["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        node = nodes[pod["spec"]["nodeName"]]
+        labels = node["metadata"]["labels"]
+        assert labels["nvidia.com/gpu.product"] == ADA
+        gpus = int(labels["nvidia.com/gpu.count"])
+        assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) == 4 * gpus
+    status = j.fleet(ns)["status"]
+    assert sum(p["pods"] for p in status["placement"]) == replicas
+
+
+def check_printer_columns(j: Any, ns: str) -> None:
+    table = j.cluster.kubectl("get", "ifleet", "-n", ns).stdout.splitlines()
+    assert table[0].split() == [
+        "NAME", "REPLICAS", "READY", "PRODUCT", "SHARING", "WORKERS/GPU", "MAXBATCH", "AGE",
+    ]  # fmt: skip
+    assert table[1].split()[:7] == ["detector", "2", "2", ADA, "timeSlicing", "4", "8"]
+    wide = j.cluster.kubectl("get", "ifleet", "-n", ns, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[-3:] == ["MODEL", "SLOTS", "STATUS"]
+    assert "builtin:resnet18" in wide[1]
+
+
+def check_left_alone(j: Any, elsewhere: str) -> None:
+    """The fleet outside the watched namespaces has no status, finalizer or workers."""
+    other = j.fleet(elsewhere)
+    assert "status" not in other or not other["status"], other.get("status")
+    assert not other["metadata"].get("finalizers"), other["metadata"].get("finalizers")
+    owned = j.cluster.kubectl(
+        "get", "deployments,services,configmaps", "-n", elsewhere, "-o", "json"
+    )
+    names = [o["metadata"]["name"] for o in json.loads(owned.stdout)["items"]]
+    assert names == ["kube-root-ca.crt"], names
+
+
+def check_past_capacity(j: Any, ns: str) -> None:
+    """More replicas than the Ada nodes' slots: a capacity condition that gives the numbers."""
+    nodes = json.loads(
+        j.cluster.kubectl(
+            "get", "nodes", "-l", f"nvidia.com/gpu.product={ADA}", "-o", "json"
+        ).stdout
+    )["items"]
+    offered = sum(4 * int(n["metadata"]["labels"]["nvidia.com/gpu.count"]) for n in nodes)
+    wanted = offered + 1
+    j.cluster.kubectl("scale", "-n", ns, "ifleet/detector", f"--replicas={wanted}")
+
+    def short() -> dict[str, Any] | None:
+        obj = j.fleet(ns)
+        gpu = obj.get("status", {}).get("gpu", {})
+        if (
+            gpu.get("slotsNeeded") == wanted
+            and obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+        ):
+            return obj
+        return None
+
+    obj = j.wait_for(short, 120, "capacity shortfall in status")
+    assert obj["status"]["gpu"]["slotsAvailable"] == offered
+    messages = [c.get("message", "") for c in obj["status"]["conditions"]]
+    numbered = [m for m in messages if str(wanted) in m and str(offered) in m]
+    assert numbered, messages
+    assert condition(obj, "Ready")["status"] == "False"
+
+
+def check_batching_edit_keeps_pods(j: Any, ns: str) -> None:
+    before = sorted(p["metadata"]["uid"] for p in j.fleet_pods(ns))
+    j.cluster.kubectl("patch", "-n", ns, "ifleet/detector", "--type=merge",
+                    "-p", '{"spec":{"batching":{"maxBatchSize":16}}}')  # fmt: skip
+
+    def applied() -> bool:
+        config_maps = json.loads(
+            j.cluster.kubectl("get", "configmaps", "-n", ns, "-o", "json").stdout
+        )
+        texts = [json.dumps(cm.get("data", {})) for cm in config_maps["items"]]
+        return any(re.search(r"maxBatchSize\W+16\b", text) for text in texts) and is_ready(
+            j.fleet(ns), 2
+        )
+
+    j.wait_for(applied, 120, "maxBatchSize 16 in the fleet's ConfigMap")
+    after = sorted(p["metadata"]["uid"] for p in j.fleet_pods(ns))
+    assert after == before, "a batching edit restarted worker pods"
+
+
+def check_image_edit_rolls_out(j: Any, ns: str) -> None:
+    image = "registry.example/inferencefleet-worker:rollout"
+    before = {p["metadata"]["uid"] for p in j.fleet_pods(ns)}
+    j.cluster.kubectl("patch", "-n", ns, "ifleet/detector", "--type=merge",
+                    "-p", json.dumps({"spec": {"image": image}}))  # fmt: skip
+
+    def rolled() -> bool:
+        pods = j.fleet_pods(ns)
+        return (
+            len(pods) == 2
+            and all(p["spec"]["containers"][0]["image"] == image for p in pods)
+            and not before & {p["metadata"]["uid"] for p in pods}
+            and is_ready(j.fleet(ns), 2)
+        )
+
+    j.wait_for(rolled, 180, f"rollout to {image}")
+
+
+def check_uninstall(j: Any, ns: str) -> None:
+    j.cluster.helm("uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s")
+    gone = {
+        "deployment": ns,
+        "serviceaccount": ns,
+        "service": ns,
+        "clusterrole": None,
+        "clusterrolebinding": None,
+    }
+    for kind, where in gone.items():
+        scope = ["-n", where] if where else []
+        out = j.cluster.kubectl(
+            "get", kind, *scope, "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name"
+        ).stdout.strip()
+        left = [line for line in out.splitlines() if RELEASE in line]
+        assert left == [], f"{kind} left after uninstall: {left}"
+    for namespaced in ("rolebinding", "role"):
+        out = j.cluster.kubectl(
+            "get", namespaced, "-A", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name"
+        ).stdout.strip()
+        assert out == "", f"{namespaced} left after uninstall: {out}"
+    # Helm never deletes a chart's crds/ on uninstall: the API and every fleet stay.
+    assert j.cluster.kubectl("get", "crd", CRD_NAME, "-o", "name").stdout.strip()

@@ -1,0 +1,104 @@
+"""kubectl auth can-i as the operator's ServiceAccount: what it needs, and nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "inferencefleet"
+RELEASE = "inferencefleet"
+DEVICE_PLUGIN_NS = "nvidia-device-plugin"
+
+# (verb, resource[/name][#subresource], where): where is "watched", "elsewhere",
+# "device-plugin" or "cluster".
+ALLOWED = [
+    ("get", "inferencefleets.inferencefleet.dev", "watched"),
+    ("list", "inferencefleets.inferencefleet.dev", "watched"),
+    ("watch", "inferencefleets.inferencefleet.dev", "watched"),
+    ("patch", "inferencefleets.inferencefleet.dev", "watched"),
+    ("patch", "inferencefleets.inferencefleet.dev#status", "watched"),
+    ("create", "deployments.apps", "watched"),
+    ("patch", "deployments.apps", "watched"),
+    ("delete", "deployments.apps", "watched"),
+    ("create", "services", "watched"),
+    ("create", "configmaps", "watched"),
+    ("patch", "configmaps", "watched"),
+    ("create", "poddisruptionbudgets.policy", "watched"),
+    ("list", "pods", "watched"),
+    ("create", "events", "watched"),
+    ("list", "nodes", "cluster"),
+    ("patch", "nodes", "cluster"),
+    ("list", "customresourcedefinitions.apiextensions.k8s.io", "cluster"),
+    ("get", "configmaps/device-plugin-config", "device-plugin"),
+    ("patch", "configmaps/device-plugin-config", "device-plugin"),
+]
+DENIED = [
+    # Secrets, anywhere.
+    ("get", "secrets", "watched"),
+    ("list", "secrets", "watched"),
+    ("list", "secrets", "cluster"),
+    ("get", "secrets", "device-plugin"),
+    # Fleets and workloads outside the watched namespaces.
+    ("list", "inferencefleets.inferencefleet.dev", "elsewhere"),
+    ("create", "deployments.apps", "elsewhere"),
+    ("list", "configmaps", "elsewhere"),
+    # Writes the operator never makes.
+    ("update", "inferencefleets.inferencefleet.dev#scale", "watched"),
+    ("delete", "inferencefleets.inferencefleet.dev", "watched"),
+    ("create", "pods", "watched"),
+    ("create", "pods#exec", "watched"),
+    ("delete", "nodes", "cluster"),
+    ("create", "namespaces", "cluster"),
+    ("delete", "customresourcedefinitions.apiextensions.k8s.io", "cluster"),
+    ("create", "clusterroles.rbac.authorization.k8s.io", "cluster"),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "watched"),
+    ("impersonate", "serviceaccounts", "cluster"),
+    ("get", "configmaps/other-config", "device-plugin"),
+    ("delete", "configmaps/device-plugin-config", "device-plugin"),
+    ("*", "*", "cluster"),
+]
+
+
+def can_i(cluster: Any, who: str, verb: str, resource: str, namespace: str | None) -> bool:
+    scope = ["-n", namespace] if namespace else ["--all-namespaces"]
+    resource, _, sub = resource.partition("#")
+    extra = [f"--subresource={sub}"] if sub else []
+    out = cluster.kubectl(
+        "auth", "can-i", verb, resource, *extra, f"--as={who}", *scope, check=False
+    )
+    answer = out.stdout.strip()
+    assert answer in ("yes", "no"), out.stderr
+    return answer == "yes"
+
+
+def test_service_account_can_do_exactly_what_the_operator_needs(
+    cluster: Any, namespace: str
+) -> None:
+    elsewhere = f"{namespace}-elsewhere"
+    cluster.kubectl("create", "namespace", elsewhere)
+    try:
+        cluster.helm(
+            "install", RELEASE, str(CHART), "-n", namespace,
+            "--set", f"watchNamespaces={{{namespace}}}",
+        )  # fmt: skip
+        who = f"system:serviceaccount:{namespace}:{RELEASE}"
+        where = {
+            "watched": namespace,
+            "elsewhere": elsewhere,
+            "device-plugin": DEVICE_PLUGIN_NS,
+            "cluster": None,
+        }
+        wrong = [
+            f"{'denied' if allowed else 'allowed'}: {verb} {resource} in {place}"
+            for rows, allowed in ((ALLOWED, True), (DENIED, False))
+            for verb, resource, place in rows
+            if can_i(cluster, who, verb, resource, where[place]) != allowed
+        ]
+        assert wrong == []
+    finally:
+        cluster.helm("uninstall", RELEASE, "-n", namespace, check=False)
+        cluster.kubectl("delete", "namespace", elsewhere, "--wait=false", check=False)
