@@ -236,6 +236,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(sweep_json(meta, steps), indent=2))
     else:
         out = Console()
+        if not out.is_terminal:
+            out = Console(width=160)
         out.print(result_table(steps, title))
         best = best_step(steps)
         if best is not None:

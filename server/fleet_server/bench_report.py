@@ -21,7 +21,16 @@ def _errors_text(errors: dict[str, int]) -> str:
 
 
 def _share_text(shares: dict[str, float]) -> str:
-    return "\n".join(f"{address} {100 * share:.0f}%" for address, share in shares.items()) or "-"
+    """'8001 50% · 8002 50%' when every target is on one host, else full addresses."""
+    hosts = {address.rpartition(":")[0] for address in shares}
+    short = len(hosts) == 1
+    return (
+        " · ".join(
+            f"{address.rpartition(':')[2] if short else address} {100 * share:.0f}%"
+            for address, share in shares.items()
+        )
+        or "-"
+    )
 
 
 def result_table(steps: Sequence[StepResult], title: str) -> Table:
@@ -77,8 +86,9 @@ def plot_sweep(steps: Sequence[StepResult], path: Path, title: str) -> None:
     ax.set_ylabel("throughput (frames/s)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.set_ylim(bottom=0)
-    ax.set_xlim(left=0)
+    if points:  # room for the labels
+        ax.set_xlim(0, 1.2 * max(p[0] for p in points))
+        ax.set_ylim(0, 1.15 * max(p[1] for p in points))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path)

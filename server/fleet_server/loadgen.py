@@ -120,7 +120,8 @@ async def check_ready(target: str, timeout_s: float) -> None:
     async with grpc.aio.insecure_channel(target, options=channel_options(True)) as channel:
         call: _Unary = channel.unary_unary(SERVER_READY)
         try:
-            reply = await call(b"", timeout=timeout_s, wait_for_ready=True)
+            # no wait_for_ready: a refused connection fails at once, a silent host at the deadline
+            reply = await call(b"", timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             shown = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
