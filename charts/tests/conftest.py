@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from e2ecluster.handle import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "inferencefleet"
@@ -77,19 +77,6 @@ def render(helm_bin: Path) -> Render:
     return _render
 
 
-def wait_for(check: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.5) -> Any:
-    """Poll check() until it returns something truthy; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for: {what}")
-        time.sleep(every_s)
-
-
 def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -121,19 +108,19 @@ class LocalOperator:
         self._write_kubeconfig(token)
 
     def _write_kubeconfig(self, token: str) -> None:
-        admin = json.loads(cluster_config(self.cluster))
-        server = admin["clusters"][0]["cluster"]
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "test", "cluster": server}],
-            "users": [{"name": "operator", "user": {"token": token}}],
-            "contexts": [{"name": "operator", "context": {"cluster": "test", "user": "operator"}}],
-            "current-context": "operator",
-        }
+        """The README's commands: the admin kubeconfig's cluster, the ServiceAccount's token."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.kubeconfig.write_text(json.dumps(config))
+        self.kubeconfig.write_text(
+            self.cluster.kubectl("config", "view", "--raw", "--minify").stdout
+        )
         self.kubeconfig.chmod(0o600)
+        mine = f"--kubeconfig={self.kubeconfig}"
+        self.cluster.kubectl(mine, "config", "set-credentials", "operator", f"--token={token}")
+        self.cluster.kubectl(mine, "config", "set-context", "--current", "--user=operator")
+        whoami = self.cluster.kubectl(
+            mine, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"
+        )
+        assert whoami.stdout.startswith("system:serviceaccount:"), whoami.stdout
 
     def healthy(self) -> bool:
         try:
@@ -153,7 +140,7 @@ class LocalOperator:
                 env=env,
                 cwd=ROOT,
             )
-        wait_for(self._up, 60, f"operator health on 127.0.0.1:{self.port}")
+        wait_until(f"operator health on 127.0.0.1:{self.port}", self._up, timeout=60)
         return self
 
     def _up(self) -> bool:
@@ -172,15 +159,10 @@ class LocalOperator:
             self.process.wait(timeout=10)
 
 
-def cluster_config(cluster: Any) -> str:
-    out: str = cluster.kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout
-    return out
-
-
 class Journey:
     """What the journey's steps read from the cluster, through the cluster fixture's kubectl."""
 
-    wait_for = staticmethod(wait_for)
+    wait_until = staticmethod(wait_until)
 
     def __init__(self, cluster: Any) -> None:
         self.cluster = cluster
@@ -205,16 +187,17 @@ class Journey:
 
     def operator_args(self, namespace: str, release: str) -> list[str]:
         """The arguments the installed chart gives the operator container."""
-        manifest = self.cluster.helm("get", "manifest", release, "-n", namespace).stdout
-        for doc in yaml.safe_load_all(manifest):
-            if doc and doc["kind"] == "Deployment":
-                args: list[str] = doc["spec"]["template"]["spec"]["containers"][0]["args"]
-                return args
-        pytest.fail(f"no Deployment in release {release}")
+        out = self.cluster.kubectl(
+            "get", "deployment", release, "-n", namespace,
+            "-o", "jsonpath={.spec.template.spec.containers[0].args}",
+        )  # fmt: skip
+        args: list[str] = json.loads(out.stdout)
+        return args
 
     @contextlib.contextmanager
     def extra_namespace(self, name: str) -> Iterator[str]:
         self.cluster.kubectl("create", "namespace", name)
+        self.cluster.kubectl("label", "namespace", name, "inferencefleet.dev/e2e=true")
         try:
             yield name
         finally:

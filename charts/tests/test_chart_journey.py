@@ -17,6 +17,8 @@ EXAMPLE = ROOT / "examples" / "fleet.yaml"
 RELEASE = "inferencefleet"
 
 ADA = "NVIDIA-RTX-6000-Ada-Generation"
+# Feature discovery appends -SHARED to the product label of a node whose GPUs are shared.
+ADA_LABELS = (ADA, f"{ADA}-SHARED")
 CRD_NAME = "inferencefleets.inferencefleet.dev"
 
 
@@ -99,7 +101,7 @@ def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
 
             # 3. apply the example fleet in the restricted namespace.
             cluster.kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
-            j.wait_for(lambda: is_ready(j.fleet(ns), 2), 180, "detector Ready with 2")
+            j.wait_until("detector Ready with 2", lambda: is_ready(j.fleet(ns), 2), timeout=180)
             check_placement(j, ns, replicas=2)
             check_printer_columns(j, ns)
             check_left_alone(j, elsewhere)
@@ -107,11 +109,13 @@ def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
             # 4. scale up, down, and past capacity.
             for replicas in (6, 1):
                 cluster.kubectl("scale", "-n", ns, "ifleet/detector", f"--replicas={replicas}")
-                j.wait_for(lambda r=replicas: is_ready(j.fleet(ns), r), 180, f"{replicas}")
+                j.wait_until(
+                    f"{replicas}", lambda r=replicas: is_ready(j.fleet(ns), r), timeout=180
+                )
                 assert len(j.fleet_pods(ns)) == replicas
             check_past_capacity(j, ns)
             cluster.kubectl("scale", "-n", ns, "ifleet/detector", "--replicas=2")
-            j.wait_for(lambda: is_ready(j.fleet(ns), 2), 180, "back to 2")
+            j.wait_until("back to 2", lambda: is_ready(j.fleet(ns), 2), timeout=180)
 
             # 5. batching edits restart nothing; an image edit rolls out.
             check_batching_edit_keeps_pods(j, ns)
@@ -135,7 +139,9 @@ def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
         with j.local_operator(ns, RELEASE, args, tmp_path / "op2"):
             cluster.kubectl("patch", "-n", ns, "ifleet/detector", "--type=merge",
                             "-p", '{"spec":{"replicas":3}}')  # fmt: skip
-            j.wait_for(lambda: is_ready(j.fleet(ns), 3), 180, "upgraded operator reconciles")
+            j.wait_until(
+                "upgraded operator reconciles", lambda: is_ready(j.fleet(ns), 3), timeout=180
+            )
             # Fleets go before the operator: it removes their finalizers and gives nodes back.
             cluster.kubectl("delete", "-n", ns, "-f", str(EXAMPLE), "--wait=true", "--timeout=120s")
         check_uninstall(j, ns)
@@ -156,7 +162,7 @@ def check_placement(j: Any, ns: str, replicas: int) -> None:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         node = nodes[pod["spec"]["nodeName"]]
         labels = node["metadata"]["labels"]
-        assert labels["nvidia.com/gpu.product"] == ADA
+        assert labels["nvidia.com/gpu.product"] in ADA_LABELS
         gpus = int(labels["nvidia.com/gpu.count"])
         assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) == 4 * gpus
     status = j.fleet(ns)["status"]
@@ -190,7 +196,12 @@ def check_past_capacity(j: Any, ns: str) -> None:
     """More replicas than the Ada nodes' slots: a capacity condition that gives the numbers."""
     nodes = json.loads(
         j.cluster.kubectl(
-            "get", "nodes", "-l", f"nvidia.com/gpu.product={ADA}", "-o", "json"
+            "get",
+            "nodes",
+            "-l",
+            f"nvidia.com/gpu.product in ({','.join(ADA_LABELS)})",
+            "-o",
+            "json",
         ).stdout
     )["items"]
     offered = sum(4 * int(n["metadata"]["labels"]["nvidia.com/gpu.count"]) for n in nodes)
@@ -207,7 +218,7 @@ def check_past_capacity(j: Any, ns: str) -> None:
             return obj
         return None
 
-    obj = j.wait_for(short, 120, "capacity shortfall in status")
+    obj = j.wait_until("capacity shortfall in status", short, timeout=120)
     assert obj["status"]["gpu"]["slotsAvailable"] == offered
     messages = [c.get("message", "") for c in obj["status"]["conditions"]]
     numbered = [m for m in messages if str(wanted) in m and str(offered) in m]
@@ -229,7 +240,7 @@ def check_batching_edit_keeps_pods(j: Any, ns: str) -> None:
             j.fleet(ns), 2
         )
 
-    j.wait_for(applied, 120, "maxBatchSize 16 in the fleet's ConfigMap")
+    j.wait_until("maxBatchSize 16 in the fleet's ConfigMap", applied, timeout=120)
     after = sorted(p["metadata"]["uid"] for p in j.fleet_pods(ns))
     assert after == before, "a batching edit restarted worker pods"
 
@@ -249,7 +260,7 @@ def check_image_edit_rolls_out(j: Any, ns: str) -> None:
             and is_ready(j.fleet(ns), 2)
         )
 
-    j.wait_for(rolled, 180, f"rollout to {image}")
+    j.wait_until(f"rollout to {image}", rolled, timeout=180)
 
 
 def check_uninstall(j: Any, ns: str) -> None:

@@ -14,7 +14,7 @@ def test_mps_example_shares_each_gpu_through_mps() -> None:
     assert fleet.name == "detector-mps"
     assert fleet.gpu.sharing == "mps"
     assert fleet.gpu.workers_per_gpu == 4
-    assert fleet.gpu.product == "NVIDIA-RTX-PRO-6000-Blackwell-Server-Edition"
+    assert fleet.gpu.product == "NVIDIA-RTX-PRO-6000-Blackwell-Workstation-Edition"
     assert fleet.model.source == "builtin:resnet18"
 
 
