@@ -1,0 +1,1 @@
+"""Generated Open Inference Protocol code (see inference.proto; regenerate with `make proto`)."""
