@@ -1,0 +1,188 @@
+"""The worker Deployment: GPU placement, probes, restricted security, batching from a file.
+
+The pod template depends only on what needs a restart to change (model, image, resources,
+placement, processes per pod). Batching lives in a ConfigMap that the workers watch, and
+the replica count outside the template, so neither rolls the pods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleet_operator.names import (
+    BATCHING_DIR,
+    BATCHING_FILE,
+    FLEET_LABEL,
+    GENERATION_ANNOTATION,
+    GPU_RESOURCE,
+    GRPC_PORT,
+    METRICS_PORT,
+    PRODUCT_LABEL,
+    PROFILE_LABEL,
+    batching_configmap_name,
+    labels,
+)
+from fleet_operator.render.common import Owner, metadata
+from fleet_operator.sharing import GPU_TOLERATION, product_values
+from fleet_operator.spec import MODEL_MOUNT, FleetSpec
+
+HEALTH_SERVICE = "inference.GRPCInferenceService"  # NOT_SERVING until the model is warm
+RUN_AS = 65532
+
+
+def worker_args(spec: FleetSpec) -> list[str]:
+    """`inferencefleet serve` arguments (the batching values come from the watched file)."""
+    args = [
+        "--model", spec.model.source,
+        "--precision", spec.model.precision,
+        "--port", str(GRPC_PORT),
+        "--metrics-port", str(METRICS_PORT),
+        "--workers", str(spec.processes_per_pod),
+        "--device", "cuda",
+        "--batching-config", f"{BATCHING_DIR}/{BATCHING_FILE}",
+    ]  # fmt: skip
+    if spec.model.name:
+        args += ["--model-name", spec.model.name]
+    return args
+
+
+def node_affinity(spec: FleetSpec, profile: str) -> dict[str, Any]:
+    """Only nodes of the GPU product that run the fleet's GPU profile (the nodes it holds)."""
+    product: dict[str, Any] = {"key": PRODUCT_LABEL, "operator": "Exists"}
+    if spec.gpu.product is not None:
+        product = {
+            "key": PRODUCT_LABEL,
+            "operator": "In",
+            "values": product_values(spec.gpu.product),
+        }
+    expressions = [product, {"key": PROFILE_LABEL, "operator": "In", "values": [profile]}]
+    return {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": expressions}]
+        }
+    }
+
+
+def _resources(spec: FleetSpec) -> dict[str, Any]:
+    resources: dict[str, Any] = {
+        "limits": {**spec.resources.get("limits", {}), GPU_RESOURCE: 1},
+    }
+    if spec.resources.get("requests"):
+        resources["requests"] = {**spec.resources["requests"], GPU_RESOURCE: 1}
+    return resources
+
+
+def _grpc_probe(service: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "grpc": {"port": GRPC_PORT, "service": service},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _container(spec: FleetSpec, image: str) -> dict[str, Any]:
+    mounts = [
+        {"name": "batching", "mountPath": BATCHING_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.model.claim_name:
+        mounts.append({"name": "models", "mountPath": MODEL_MOUNT, "readOnly": True})
+    return {
+        "name": "worker",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["inferencefleet", "serve"],
+        "args": worker_args(spec),
+        "ports": [
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "resources": _resources(spec),
+        # Loading and warming a model takes a while: 5 minutes before liveness counts.
+        "startupProbe": _grpc_probe("", period=5, failures=60),
+        "livenessProbe": _grpc_probe("", period=10, failures=3),
+        "readinessProbe": _grpc_probe(HEALTH_SERVICE, period=5, failures=2),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": mounts,
+    }
+
+
+def _volumes(spec: FleetSpec, owner: Owner) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
+        # A directory mount, not subPath: the kubelet then updates the file in place.
+        {"name": "batching", "configMap": {"name": batching_configmap_name(owner.name)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    if spec.model.claim_name:
+        volumes.append(
+            {
+                "name": "models",
+                "persistentVolumeClaim": {"claimName": spec.model.claim_name, "readOnly": True},
+            }
+        )
+    return volumes
+
+
+def pod_template(spec: FleetSpec, owner: Owner, *, profile: str, image: str) -> dict[str, Any]:
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "affinity": {"nodeAffinity": node_affinity(spec, profile)},
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": {FLEET_LABEL: owner.name}},
+            }
+        ],
+        "tolerations": [GPU_TOLERATION, *spec.tolerations],
+        "containers": [_container(spec, image)],
+        "volumes": _volumes(spec, owner),
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    return {"metadata": {"labels": labels(owner.name)}, "spec": pod_spec}
+
+
+def render_deployment(
+    spec: FleetSpec, owner: Owner, *, replicas: int, profile: str, image: str
+) -> dict[str, Any]:
+    """The Deployment with `replicas` pods (the capacity rule may want fewer than asked)."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(
+            owner, owner.name, annotations={GENERATION_ANNOTATION: str(owner.generation)}
+        ),
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": {FLEET_LABEL: owner.name}},
+            # No surge: GPU slots are the scarce thing, a surge pod would find none free.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "25%"},
+            },
+            "template": pod_template(spec, owner, profile=profile, image=image),
+        },
+    }

@@ -1,0 +1,286 @@
+"""GPU sharing profiles and node claims: which nodes a fleet may use, hold and give back (pure).
+
+A node runs one GPU profile at a time (`exclusive`, `timeslicing-N` or `mps-N`): the device
+plugin applies sharing per node. A fleet holds a node by adding itself to the node's
+claims annotation and setting the profile label (plus, when shared, the device plugin's
+`nvidia.com/device-plugin.config`). Fleets with the same profile may share a node; a node
+held under another profile is never relabelled: it is reported as a conflict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from fleet_operator.capacity import Capacity, GpuHost, check_capacity, host_slots
+from fleet_operator.names import (
+    CLAIMS_ANNOTATION,
+    COUNT_LABEL,
+    DEVICE_PLUGIN_LABEL,
+    GPU_RESOURCE,
+    MEMORY_LABEL,
+    PRODUCT_LABEL,
+    PROFILE_LABEL,
+    SHARED_SUFFIX,
+    fleet_id,
+)
+from fleet_operator.spec import FleetSpec, GpuSpec
+
+EXCLUSIVE = "exclusive"
+_STRATEGY = {"timeSlicing": ("timeslicing", "timeSlicing"), "mps": ("mps", "mps")}
+
+
+def profile_key(gpu: GpuSpec) -> str:
+    """The profile's name: a node label value and, when shared, the device plugin ConfigMap key."""
+    if not gpu.shared:
+        return EXCLUSIVE
+    return f"{_STRATEGY[gpu.sharing][0]}-{gpu.workers_per_gpu}"
+
+
+def device_plugin_config(gpu: GpuSpec) -> str | None:
+    """The NVIDIA device plugin config (a ConfigMap value) for a shared profile, else None."""
+    if not gpu.shared:
+        return None
+    section: dict[str, Any] = {
+        "resources": [{"name": GPU_RESOURCE, "replicas": gpu.workers_per_gpu}],
+    }
+    if gpu.sharing == "timeSlicing":
+        section = {"renameByDefault": False, "failRequestsGreaterThanOne": True, **section}
+    document = {
+        "version": "v1",
+        "flags": {"migStrategy": "none"},
+        "sharing": {_STRATEGY[gpu.sharing][1]: section},
+    }
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def product_values(product: str) -> list[str]:
+    """Label values a node of this product may carry (feature discovery appends -SHARED)."""
+    shared = product + SHARED_SUFFIX
+    return [product, shared] if len(shared) <= 63 else [product]
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What placement needs to know about one node."""
+
+    name: str
+    labels: Mapping[str, str]
+    gpus: int
+    memory_mib: int | None
+    claims: frozenset[str]
+    unschedulable: bool = False
+    taints: tuple[Mapping[str, Any], ...] = ()
+    resource_version: str = ""
+
+    @property
+    def product(self) -> str | None:
+        value = self.labels.get(PRODUCT_LABEL)
+        return value.removesuffix(SHARED_SUFFIX) if value else None
+
+    @property
+    def profile(self) -> str | None:
+        return self.labels.get(PROFILE_LABEL)
+
+    @property
+    def foreign_config(self) -> str | None:
+        """A device plugin config that some other party selected on this node."""
+        config = self.labels.get(DEVICE_PLUGIN_LABEL)
+        return config if config and config != self.profile else None
+
+    def host(self) -> GpuHost:
+        return GpuHost(self.name, self.gpus, self.memory_mib)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+def node_view(node: Mapping[str, Any]) -> NodeView:
+    """Read a Node (as a dict, the API's field names) into a NodeView."""
+    meta, spec = node.get("metadata", {}), node.get("spec", {})
+    node_labels: dict[str, str] = dict(meta.get("labels") or {})
+    claims = (meta.get("annotations") or {}).get(CLAIMS_ANNOTATION, "")
+    gpus = _int(node_labels.get(COUNT_LABEL, ""))
+    if gpus is None:  # no feature discovery label: the advertised count, unshared
+        capacity = node.get("status", {}).get("capacity") or {}
+        gpus = _int(capacity.get(GPU_RESOURCE, "0")) or 0
+    return NodeView(
+        name=meta["name"],
+        labels=node_labels,
+        gpus=gpus,
+        memory_mib=_int(node_labels.get(MEMORY_LABEL, "")),
+        claims=frozenset(c for c in claims.split(",") if c),
+        unschedulable=bool(spec.get("unschedulable", False)),
+        taints=tuple(spec.get("taints") or ()),
+        resource_version=str(meta.get("resourceVersion", "")),
+    )
+
+
+def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]]) -> bool:
+    for toleration in tolerations:
+        if toleration.get("effect") not in (None, "", taint.get("effect")):
+            continue
+        if toleration.get("operator") == "Exists" and toleration.get("key") in (None, ""):
+            return True
+        if toleration.get("key") != taint.get("key"):
+            continue
+        if toleration.get("operator") == "Exists" or toleration.get("value", "") == taint.get(
+            "value", ""
+        ):
+            return True
+    return False
+
+
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def matches(spec: FleetSpec, node: NodeView) -> bool:
+    """Could the fleet's pods run here: the GPU product, the extra node selector, the taints."""
+    if node.gpus <= 0:
+        return False
+    if spec.gpu.product is not None and node.product != spec.gpu.product:
+        return False
+    if any(node.labels.get(key) != value for key, value in spec.node_selector.items()):
+        return False
+    tolerations = [GPU_TOLERATION, *spec.tolerations]
+    return all(
+        _tolerated(taint, tolerations)
+        for taint in node.taints
+        if taint.get("effect") in ("NoSchedule", "NoExecute")
+    )
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A node of the right product that another profile holds."""
+
+    node: str
+    profile: str
+    fleets: tuple[str, ...]
+
+    def describe(self) -> str:
+        holders = ", ".join(self.fleets) if self.fleets else "set outside InferenceFleet"
+        return f"{self.node} runs {self.profile} ({holders})"
+
+
+@dataclass(frozen=True)
+class ClaimPlan:
+    """The nodes a fleet should hold, what to change on them, and the capacity that results."""
+
+    profile: str
+    hold: tuple[str, ...]  # nodes held after the plan (kept and newly claimed)
+    claim: tuple[str, ...]  # nodes to claim now (new, or relabelled to a new profile)
+    release: tuple[str, ...]  # nodes to give back
+    conflicts: tuple[Conflict, ...]  # nodes the fleet could not use because of another profile
+    capacity: Capacity
+
+    @property
+    def desired_replicas(self) -> int:
+        """Pods to ask for: never more than the held GPUs take, so no pod waits without a word."""
+        return min(self.capacity.slots_needed, self.capacity.slots_available)
+
+
+def _usable(node: NodeView, me: str, key: str) -> bool:
+    """May this fleet hold the node under `key` without taking it from anyone?"""
+    if node.foreign_config:
+        return False
+    others = node.claims - {me}
+    return node.profile in (None, key) if others else True
+
+
+def plan_claims(spec: FleetSpec, nodes: Sequence[NodeView]) -> ClaimPlan:
+    """Decide which nodes the fleet holds: keep what it has, add usable nodes until it fits."""
+    me, key = fleet_id(spec.namespace, spec.name), profile_key(spec.gpu)
+    candidates = [n for n in nodes if matches(spec, n)]
+    hold: list[NodeView] = []
+    claim: list[str] = []
+    release = [n.name for n in nodes if me in n.claims and not matches(spec, n)]
+    for node in candidates:
+        if me not in node.claims:
+            continue
+        if node.profile == key and not node.foreign_config:
+            hold.append(node)
+        elif _usable(node, me, key) and host_slots(spec, node.host()) > 0:
+            hold.append(node)  # held alone under an old profile: switch it
+            claim.append(node.name)
+        else:
+            release.append(node.name)
+    slots = sum(host_slots(spec, n.host()) for n in hold)
+    conflicts: list[Conflict] = []
+    # Prefer nodes already running our profile, then free ones; by name for a stable order.
+    rest = sorted(
+        (n for n in candidates if me not in n.claims and host_slots(spec, n.host()) > 0),
+        key=lambda n: (n.profile != key, bool(n.claims), n.name),
+    )
+    for node in rest:
+        if slots >= spec.replicas:
+            break
+        if not _usable(node, me, key):
+            profile = node.foreign_config or node.profile or "?"
+            conflicts.append(Conflict(node.name, profile, tuple(sorted(node.claims))))
+        elif not node.unschedulable:
+            hold.append(node)
+            claim.append(node.name)
+            slots += host_slots(spec, node.host())
+    too_small = [n for n in candidates if host_slots(spec, n.host()) == 0]
+    hosts = {n.name: n.host() for n in [*hold, *too_small]}
+    return ClaimPlan(
+        profile=key,
+        hold=tuple(sorted(n.name for n in hold)),
+        claim=tuple(sorted(claim)),
+        release=tuple(sorted(release)),
+        conflicts=tuple(conflicts),
+        capacity=check_capacity(spec, [hosts[name] for name in sorted(hosts)]),
+    )
+
+
+def claim_patch(node: NodeView, me: str, key: str, shared: bool) -> dict[str, Any] | None:
+    """The node patch that makes `me` hold it under `key`; None if the node is no longer usable."""
+    if not _usable(node, me, key):
+        return None
+    claims = ",".join(sorted(node.claims | {me}))
+    config_label = key if shared else None
+    if (
+        node.profile == key
+        and node.labels.get(DEVICE_PLUGIN_LABEL) == config_label
+        and me in node.claims
+    ):
+        return {}
+    return {
+        "metadata": {
+            "resourceVersion": node.resource_version,
+            "labels": {PROFILE_LABEL: key, DEVICE_PLUGIN_LABEL: config_label},
+            "annotations": {CLAIMS_ANNOTATION: claims},
+        }
+    }
+
+
+def release_patch(node: NodeView, me: str) -> dict[str, Any]:
+    """The node patch that gives `me`'s hold back; the last holder removes the profile labels."""
+    if me not in node.claims:
+        return {}
+    rest = node.claims - {me}
+    if rest:
+        return {
+            "metadata": {
+                "resourceVersion": node.resource_version,
+                "annotations": {CLAIMS_ANNOTATION: ",".join(sorted(rest))},
+            }
+        }
+    label_patch: dict[str, str | None] = {PROFILE_LABEL: None}
+    if node.labels.get(DEVICE_PLUGIN_LABEL) == node.profile:
+        label_patch[DEVICE_PLUGIN_LABEL] = None
+    return {
+        "metadata": {
+            "resourceVersion": node.resource_version,
+            "labels": label_patch,
+            "annotations": {CLAIMS_ANNOTATION: None},
+        }
+    }

@@ -1,0 +1,209 @@
+"""Fleet status, computed from what was observed (Deployment, pods, nodes), never accumulated."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fleet_operator.names import GENERATION_ANNOTATION, selector
+from fleet_operator.sharing import EXCLUSIVE, ClaimPlan
+from fleet_operator.spec import FleetSpec
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One look at the cluster for one fleet."""
+
+    generation: int
+    deployment: Mapping[str, Any] | None
+    pods: Sequence[Mapping[str, Any]]
+    plan: ClaimPlan
+
+
+def _condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message}
+
+
+def _stamp(
+    conditions: list[dict[str, Any]],
+    previous: Sequence[Mapping[str, Any]],
+    generation: int,
+    now: str,
+) -> list[dict[str, Any]]:
+    """Add observedGeneration and lastTransitionTime (kept while the status does not change)."""
+    before = {c.get("type"): c for c in previous}
+    for condition in conditions:
+        old = before.get(condition["type"])
+        same = old is not None and old.get("status") == condition["status"]
+        condition["lastTransitionTime"] = (
+            old.get("lastTransitionTime", now) if same and old else now
+        )
+        condition["observedGeneration"] = generation
+    return conditions
+
+
+def placement(pods: Sequence[Mapping[str, Any]], processes_per_pod: int) -> list[dict[str, Any]]:
+    """Scheduled, not terminating worker pods per node, and the worker processes they run."""
+    per_node = Counter(
+        pod["spec"]["nodeName"]
+        for pod in pods
+        if pod.get("spec", {}).get("nodeName") and not pod["metadata"].get("deletionTimestamp")
+    )
+    return [
+        {"node": node, "pods": count, "workers": count * processes_per_pod}
+        for node, count in sorted(per_node.items())
+    ]
+
+
+def _deployment_counts(deployment: Mapping[str, Any] | None) -> dict[str, int]:
+    status = (deployment or {}).get("status") or {}
+    return {
+        key: int(status.get(key) or 0)
+        for key in ("replicas", "readyReplicas", "updatedReplicas", "availableReplicas")
+    }
+
+
+def _rolled_out(
+    deployment: Mapping[str, Any] | None, desired: int, counts: Mapping[str, int]
+) -> bool:
+    if deployment is None:
+        return False
+    seen = int((deployment.get("status") or {}).get("observedGeneration") or 0)
+    if seen < int(deployment["metadata"].get("generation") or 0):
+        return False
+    return counts["updatedReplicas"] == desired and counts["replicas"] == desired
+
+
+def observed_generation(observed: Observed, previous: Mapping[str, Any]) -> int | None:
+    """The fleet generation the Deployment reflects, once the Deployment controller has seen it."""
+    deployment = observed.deployment
+    if deployment is None:
+        return None
+    seen = int((deployment.get("status") or {}).get("observedGeneration") or 0)
+    if seen >= int(deployment["metadata"].get("generation") or 0):
+        annotations = deployment["metadata"].get("annotations") or {}
+        if GENERATION_ANNOTATION in annotations:
+            return int(annotations[GENERATION_ANNOTATION])
+    old = previous.get("observedGeneration")
+    return int(old) if old is not None else None
+
+
+def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
+    if plan.conflicts:
+        held = ", ".join(c.describe() for c in plan.conflicts)
+        return _condition(
+            "GPUSharing",
+            False,
+            "ProfileConflict",
+            f"needs nodes with profile {plan.profile}, but {held}; those nodes are left alone",
+        )
+    where = ", ".join(plan.hold) if plan.hold else "no nodes yet"
+    reason = "Exclusive" if plan.profile == EXCLUSIVE else "ProfileApplied"
+    return _condition("GPUSharing", True, reason, f"profile {plan.profile} on {where}")
+
+
+def compute_status(
+    spec: FleetSpec, observed: Observed, previous: Mapping[str, Any], now: str
+) -> dict[str, Any]:
+    """The whole status subresource for this observation."""
+    plan, capacity = observed.plan, observed.plan.capacity
+    counts = _deployment_counts(observed.deployment)
+    desired = plan.desired_replicas
+    rolled_out = _rolled_out(observed.deployment, desired, counts)
+    generation = observed_generation(observed, previous)
+    current = generation == observed.generation
+    ready = current and rolled_out and desired == spec.replicas
+    ready = ready and counts["readyReplicas"] >= spec.replicas
+    if ready:
+        ready_reason = "AllWorkersReady"
+    elif not capacity.fits:
+        ready_reason = capacity.reason
+    elif plan.conflicts:
+        ready_reason = "ProfileConflict"
+    else:
+        ready_reason = "WorkersNotReady"
+    short = not capacity.fits or bool(plan.conflicts)
+    unavailable = rolled_out and counts["readyReplicas"] < desired
+    conditions = [
+        _condition(
+            "Ready",
+            ready,
+            ready_reason,
+            f"{counts['readyReplicas']}/{spec.replicas} worker pods ready",
+        ),
+        _condition(
+            "Progressing",
+            not rolled_out,
+            "Complete" if rolled_out else "RollingOut",
+            f"{counts['updatedReplicas']}/{desired} pods updated, {counts['replicas']} exist",
+        ),
+        _condition(
+            "Degraded",
+            short or unavailable,
+            ready_reason if short else ("WorkersUnavailable" if unavailable else "AsExpected"),
+            capacity.message() if short else f"{counts['readyReplicas']}/{desired} pods ready",
+        ),
+        _condition("GPUCapacity", capacity.fits, capacity.reason, capacity.message()),
+        _sharing_condition(plan),
+    ]
+    status: dict[str, Any] = {
+        **counts,
+        "selector": selector(spec.name),
+        "gpu": {
+            "profile": plan.profile,
+            "slotsNeeded": capacity.slots_needed,
+            "slotsAvailable": capacity.slots_available,
+            "memoryNeededMiBPerGPU": capacity.memory_needed_mib,
+            "nodes": list(plan.hold),
+            "summary": capacity.summary(),
+        },
+        "placement": placement(observed.pods, spec.processes_per_pod),
+        "conditions": _stamp(
+            conditions, previous.get("conditions") or [], observed.generation, now
+        ),
+    }
+    if generation is not None:
+        status["observedGeneration"] = generation
+    return status
+
+
+def invalid_status(
+    message: str, generation: int, previous: Mapping[str, Any], now: str
+) -> dict[str, Any]:
+    """Status of a fleet whose spec cannot work: Ready False with the reason, the rest untouched."""
+    conditions = [
+        c for c in previous.get("conditions") or [] if c.get("type") not in ("Ready", "Degraded")
+    ]
+    fresh = [
+        _condition("Ready", False, "InvalidSpec", message),
+        _condition("Degraded", True, "InvalidSpec", message),
+    ]
+    return {
+        "conditions": conditions + _stamp(fresh, previous.get("conditions") or [], generation, now)
+    }
+
+
+# Conditions whose changes are worth an Event, and the Event type when the condition is False.
+_EVENTFUL = {"Ready": "Normal", "GPUCapacity": "Warning", "GPUSharing": "Warning"}
+
+
+def condition_events(
+    previous: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, str, str]]:
+    """(type, reason, message) for each eventful condition whose status or reason changed."""
+    before = {c.get("type"): c for c in previous}
+    events = []
+    for condition in current:
+        kind = condition["type"]
+        if kind not in _EVENTFUL:
+            continue
+        old = before.get(kind) or {}
+        if (old.get("status"), old.get("reason")) == (condition["status"], condition["reason"]):
+            continue
+        if condition["status"] == "True" and kind != "Ready" and not old:
+            continue  # a fleet that fits from the start needs no event saying so
+        level = "Normal" if condition["status"] == "True" else _EVENTFUL[kind]
+        events.append((level, condition["reason"], condition["message"]))
+    return events
