@@ -1,0 +1,219 @@
+"""Unit tests of GPU profiles and node claims: who may hold which node, conflicts, patches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from fleet_operator.names import CLAIMS_ANNOTATION, DEVICE_PLUGIN_LABEL, PROFILE_LABEL
+from fleet_operator.sharing import (
+    NodeView,
+    claim_patch,
+    device_plugin_config,
+    node_view,
+    plan_claims,
+    profile_key,
+    release_patch,
+)
+from fleet_operator.spec import FleetSpec, GpuSpec, ModelSpec
+
+ADA = "NVIDIA-RTX-6000-Ada-Generation"
+
+
+def _node(
+    name: str, *, product: str = ADA, gpus: int = 2, memory: int = 49140, **extra: Any
+) -> NodeView:
+    labels = {
+        "nvidia.com/gpu.product": product,
+        "nvidia.com/gpu.count": str(gpus),
+        "nvidia.com/gpu.memory": str(memory),
+        **extra.pop("labels", {}),
+    }
+    annotations = {CLAIMS_ANNOTATION: extra.pop("claims")} if "claims" in extra else {}
+    raw = {
+        "metadata": {
+            "name": name,
+            "labels": labels,
+            "annotations": annotations,
+            "resourceVersion": "7",
+        },
+        "spec": extra,
+    }
+    return node_view(raw)
+
+
+def _fleet(
+    name: str = "a", replicas: int = 2, sharing: str = "timeSlicing", workers: int = 4
+) -> FleetSpec:
+    return FleetSpec(
+        name=name,
+        namespace="ns",
+        model=ModelSpec(source="builtin:tiny"),
+        replicas=replicas,
+        gpu=GpuSpec(product=ADA, sharing=sharing, workers_per_gpu=workers),
+    )
+
+
+def test_profile_keys() -> None:
+    assert profile_key(GpuSpec()) == "exclusive"
+    assert profile_key(GpuSpec(sharing="timeSlicing", workers_per_gpu=4)) == "timeslicing-4"
+    assert profile_key(GpuSpec(sharing="mps", workers_per_gpu=2)) == "mps-2"
+
+
+def test_device_plugin_config_is_what_the_plugin_reads() -> None:
+    text = device_plugin_config(GpuSpec(sharing="timeSlicing", workers_per_gpu=4))
+    assert text is not None
+    document = yaml.safe_load(text)
+    assert document["version"] == "v1"
+    assert document["sharing"]["timeSlicing"]["resources"] == [
+        {"name": "nvidia.com/gpu", "replicas": 4}
+    ]
+    mps = yaml.safe_load(device_plugin_config(GpuSpec(sharing="mps", workers_per_gpu=3)) or "")
+    assert mps["sharing"] == {"mps": {"resources": [{"name": "nvidia.com/gpu", "replicas": 3}]}}
+    assert device_plugin_config(GpuSpec()) is None
+
+
+def test_node_view_reads_labels_claims_and_the_shared_product() -> None:
+    node = _node("n", product=ADA + "-SHARED", claims="ns/a,other/b", unschedulable=True)
+    assert node.product == ADA
+    assert node.claims == {"ns/a", "other/b"}
+    assert node.gpus == 2
+    assert node.memory_mib == 49140
+    assert node.unschedulable
+
+
+def test_a_small_fleet_claims_one_free_node() -> None:
+    nodes = [_node("ada-1"), _node("ada-0"), _node("bw", product="Other")]
+    plan = plan_claims(_fleet(replicas=8), nodes)
+    assert plan.claim == ("ada-0",)
+    assert plan.hold == ("ada-0",)
+    assert plan.capacity.slots_available == 8
+    assert plan.desired_replicas == 8
+    assert not plan.conflicts
+
+
+def test_a_fleet_prefers_nodes_that_already_run_its_profile() -> None:
+    nodes = [_node("ada-0"), _node("ada-1", labels={PROFILE_LABEL: "timeslicing-4"}, claims="x/y")]
+    assert plan_claims(_fleet(replicas=2), nodes).claim == ("ada-1",)
+
+
+def test_held_nodes_are_kept_and_more_are_claimed_on_scale_up() -> None:
+    held = _node("ada-2", labels={PROFILE_LABEL: "timeslicing-4"}, claims="ns/a")
+    plan = plan_claims(_fleet(replicas=12), [_node("ada-0"), _node("ada-1"), held])
+    assert plan.hold == ("ada-0", "ada-2")
+    assert plan.claim == ("ada-0",)
+
+
+def test_another_profile_is_a_conflict_never_an_override() -> None:
+    other = {"labels": {PROFILE_LABEL: "mps-2", DEVICE_PLUGIN_LABEL: "mps-2"}, "claims": "ns/b"}
+    nodes = [_node("ada-0", **other)]
+    plan = plan_claims(_fleet(replicas=2), nodes)
+    assert plan.claim == ()
+    assert plan.desired_replicas == 0
+    assert [c.describe() for c in plan.conflicts] == ["ada-0 runs mps-2 (ns/b)"]
+    assert claim_patch(nodes[0], "ns/a", "timeslicing-4", shared=True) is None
+
+
+def test_a_config_label_set_by_someone_else_is_respected() -> None:
+    node = _node("ada-0", labels={DEVICE_PLUGIN_LABEL: "admin-choice"})
+    plan = plan_claims(_fleet(), [node])
+    assert plan.conflicts[0].profile == "admin-choice"
+    assert plan.conflicts[0].describe() == "ada-0 runs admin-choice (set outside InferenceFleet)"
+
+
+def test_conflicts_are_not_reported_when_free_nodes_suffice() -> None:
+    busy = _node("ada-0", labels={PROFILE_LABEL: "mps-2"}, claims="ns/b")
+    plan = plan_claims(_fleet(replicas=2), [busy, _node("ada-1")])
+    assert plan.claim == ("ada-1",)
+    assert plan.conflicts == ()
+
+
+def test_exclusive_fleets_share_exclusive_nodes() -> None:
+    node = _node("ada-0", labels={PROFILE_LABEL: "exclusive"}, claims="ns/b")
+    plan = plan_claims(_fleet(replicas=2, sharing="none", workers=1), [node])
+    assert plan.hold == ("ada-0",)
+    assert plan.capacity.slots_available == 2
+
+
+def test_a_node_held_alone_switches_to_the_new_profile() -> None:
+    node = _node("ada-0", labels={PROFILE_LABEL: "timeslicing-4"}, claims="ns/a")
+    plan = plan_claims(_fleet(replicas=2, sharing="mps", workers=2), [node])
+    assert plan.claim == ("ada-0",)
+    patch = claim_patch(node, "ns/a", "mps-2", shared=True)
+    assert patch is not None
+    assert patch["metadata"]["labels"] == {PROFILE_LABEL: "mps-2", DEVICE_PLUGIN_LABEL: "mps-2"}
+
+
+def test_a_shared_node_with_an_old_profile_is_given_back() -> None:
+    node = _node("ada-0", labels={PROFILE_LABEL: "timeslicing-4"}, claims="ns/a,ns/b")
+    plan = plan_claims(_fleet(replicas=2, sharing="mps", workers=2), [node])
+    assert plan.release == ("ada-0",)
+    assert plan.hold == ()
+
+
+def test_nodes_with_too_little_memory_are_not_claimed_but_reported() -> None:
+    fleet = FleetSpec(
+        name="a",
+        namespace="ns",
+        model=ModelSpec(source="builtin:tiny"),
+        gpu=GpuSpec(
+            product=ADA, sharing="timeSlicing", workers_per_gpu=64, memory_per_worker_mib=2048
+        ),
+    )
+    plan = plan_claims(fleet, [_node("ada-0")])
+    assert plan.claim == ()
+    assert plan.capacity.reason == "InsufficientGPUMemory"
+    assert plan.capacity.hosts_too_small == ("ada-0",)
+
+
+def test_taints_and_node_selector_limit_the_candidates() -> None:
+    tainted = _node("ada-0", taints=[{"key": "dedicated", "value": "x", "effect": "NoSchedule"}])
+    gpu_taint = _node("ada-1", taints=[{"key": "nvidia.com/gpu", "effect": "NoSchedule"}])
+    plan = plan_claims(_fleet(replicas=16), [tainted, gpu_taint])
+    assert plan.hold == ("ada-1",)  # the GPU taint is always tolerated
+    tolerant = FleetSpec(
+        name="a",
+        namespace="ns",
+        model=ModelSpec(source="builtin:tiny"),
+        replicas=16,
+        gpu=GpuSpec(product=ADA, sharing="timeSlicing", workers_per_gpu=4),
+        tolerations=[{"key": "dedicated", "operator": "Equal", "value": "x"}],
+        node_selector={"zone": "a"},
+    )
+    assert plan_claims(tolerant, [tainted, gpu_taint]).hold == ()
+    zoned = _node("ada-2", labels={"zone": "a"})
+    assert plan_claims(tolerant, [tainted, zoned]).hold == ("ada-2",)
+
+
+def test_claim_patch_is_guarded_and_idempotent() -> None:
+    node = _node("ada-0")
+    patch = claim_patch(node, "ns/a", "timeslicing-4", shared=True)
+    assert patch == {
+        "metadata": {
+            "resourceVersion": "7",
+            "labels": {PROFILE_LABEL: "timeslicing-4", DEVICE_PLUGIN_LABEL: "timeslicing-4"},
+            "annotations": {CLAIMS_ANNOTATION: "ns/a"},
+        }
+    }
+    held = _node(
+        "ada-0",
+        labels={PROFILE_LABEL: "timeslicing-4", DEVICE_PLUGIN_LABEL: "timeslicing-4"},
+        claims="ns/a",
+    )
+    assert claim_patch(held, "ns/a", "timeslicing-4", shared=True) == {}
+
+
+def test_the_last_holder_removes_the_labels() -> None:
+    shared = {PROFILE_LABEL: "timeslicing-4", DEVICE_PLUGIN_LABEL: "timeslicing-4"}
+    two = _node("ada-0", labels=shared, claims="ns/a,ns/b")
+    assert release_patch(two, "ns/a")["metadata"] == {
+        "resourceVersion": "7",
+        "annotations": {CLAIMS_ANNOTATION: "ns/b"},
+    }
+    one = _node("ada-0", labels=shared, claims="ns/a")
+    assert release_patch(one, "ns/a")["metadata"] == {
+        "resourceVersion": "7",
+        "labels": {PROFILE_LABEL: None, DEVICE_PLUGIN_LABEL: None},
+        "annotations": {CLAIMS_ANNOTATION: None},
+    }
+    assert release_patch(_node("ada-0"), "ns/a") == {}
