@@ -14,6 +14,14 @@ if [ ! -x "$BOOT/bin/uv" ] || [ "$("$BOOT/bin/uv" --version | awk '{print $2}')"
 fi
 UV="$BOOT/bin/uv"
 
+# perf_analyzer (shipped in tritonclient's wheel, run by the worker's tests) needs Debian's libb64.
+if ! ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d' && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing libb64-0d for perf_analyzer"
+    apt-get install -y -q libb64-0d >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q libb64-0d >/dev/null; }
+fi
+
 stamp=".venv/.lock-sha256"
 want="$(cat requirements.lock pyproject.toml | sha256sum | awk '{print $1}')"
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
