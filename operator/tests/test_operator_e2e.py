@@ -1,0 +1,194 @@
+"""The operator against the real test cluster: validation, Ready, scale, batching, rollout,
+GPU sharing profiles, conflicts, capacity shortfalls and deletion."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+from e2ecluster.handle import wait_until
+
+pytestmark = pytest.mark.e2e
+
+BLACKWELL = "NVIDIA-RTX-PRO-6000-Blackwell-Workstation-Edition"
+PROFILE_LABEL = "inferencefleet.dev/gpu-profile"
+CONFIG_LABEL = "nvidia.com/device-plugin.config"
+CLAIMS = "inferencefleet.dev/claimed-by"
+
+
+def _node(cluster: Any, name: str) -> dict[str, Any]:
+    node: dict[str, Any] = json.loads(cluster.kubectl("get", "node", name, "-o", "json").stdout)
+    return node
+
+
+def _uids(pods: list[dict[str, Any]]) -> set[str]:
+    return {pod["metadata"]["uid"] for pod in pods}
+
+
+def test_invalid_fleet_is_rejected_naming_the_field(
+    cluster: Any, crds: None, invalid_fleet: Any
+) -> None:
+    manifest = invalid_fleet.manifest
+    manifest["metadata"]["namespace"] = "default"
+    result = cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest), check=False)
+    if result.returncode == 0:  # must not happen: remove it, then fail
+        cluster.kubectl("delete", "-f", "-", input=yaml.safe_dump(manifest), check=False)
+    assert result.returncode != 0, f"{invalid_fleet.id} was accepted: {result.stdout}"
+    assert invalid_fleet.field in result.stderr, result.stderr
+
+
+def test_fleet_gets_ready_and_scales(fleets: Any) -> None:
+    fleets.apply(fleets.manifest("scaler", replicas=3))
+    fleet = fleets.wait_ready("scaler")
+    status = fleet["status"]
+    assert status["readyReplicas"] == 3
+    assert status["selector"] == "inferencefleet.dev/fleet=scaler"
+    assert sum(p["pods"] for p in status["placement"]) == 3
+    assert status["gpu"]["profile"] == "timeslicing-4"
+    for kind in ("deployment", "service", "configmap", "poddisruptionbudget"):
+        name = "scaler-batching" if kind == "configmap" else "scaler"
+        assert fleets.kubectl("get", kind, name, "-o", "name").strip()
+    service = json.loads(fleets.kubectl("get", "service", "scaler", "-o", "json"))
+    assert service["spec"]["clusterIP"] == "None"
+    table = fleets.kubectl("get", "ifleet", "scaler", "-o", "wide")
+    assert "timeSlicing" in table
+    assert "builtin:tiny" in table
+
+    fleets.kubectl("scale", "ifleet/scaler", "--replicas=5")
+    fleets.wait_ready("scaler")
+    deployment = fleets.deployment("scaler")
+    assert deployment is not None
+    assert deployment["spec"]["replicas"] == 5
+    assert len(fleets.pods("scaler")) == 5
+
+
+def test_batching_change_restarts_no_pod(fleets: Any) -> None:
+    fleets.apply(fleets.manifest("batcher", replicas=2))
+    fleets.wait_ready("batcher")
+    before = _uids(fleets.pods("batcher"))
+    generation = fleets.deployment("batcher")["metadata"]["generation"]
+
+    fleets.kubectl(
+        "patch", "ifleet", "batcher", "--type=merge", "-p",
+        '{"spec":{"batching":{"maxBatchSize":16,"maxQueueSize":128}}}',
+    )  # fmt: skip
+    fleets.wait_ready("batcher")
+    configmap = json.loads(fleets.kubectl("get", "configmap", "batcher-batching", "-o", "json"))
+    assert json.loads(configmap["data"]["batching.json"])["maxBatchSize"] == 16
+    assert fleets.deployment("batcher")["metadata"]["generation"] == generation
+    assert _uids(fleets.pods("batcher")) == before
+
+
+def test_image_change_rolls_the_pods(fleets: Any) -> None:
+    fleets.apply(fleets.manifest("roller", replicas=2, image="worker:1"))
+    fleets.wait_ready("roller")
+    before = _uids(fleets.pods("roller"))
+
+    fleets.kubectl(
+        "patch", "ifleet", "roller", "--type=merge", "-p", '{"spec":{"image":"worker:2"}}'
+    )
+
+    def rolled() -> bool:
+        pods = [p for p in fleets.pods("roller") if not p["metadata"].get("deletionTimestamp")]
+        images = {p["spec"]["containers"][0]["image"] for p in pods}
+        return images == {"worker:2"} and len(pods) == 2 and not (_uids(pods) & before)
+
+    wait_until("pods with the new image", rolled, timeout=90)
+    fleets.wait_ready("roller")
+
+
+def test_sharing_profile_lands_on_nodes_and_deletion_gives_them_back(
+    cluster: Any, fleets: Any
+) -> None:
+    fleets.apply(
+        fleets.manifest(
+            "sharer", replicas=4, gpu={"product": BLACKWELL, "sharing": "mps", "workersPerGPU": 4}
+        )
+    )
+    fleet = fleets.wait_ready("sharer")
+    nodes = fleet["status"]["gpu"]["nodes"]
+    assert len(nodes) == 1
+    node = _node(cluster, nodes[0])
+    assert node["metadata"]["labels"][CONFIG_LABEL] == "mps-4"
+    assert node["metadata"]["labels"][PROFILE_LABEL] == "mps-4"
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == "4"  # the device plugin's doing
+    plugin = json.loads(
+        cluster.kubectl(
+            "get", "configmap", "device-plugin-config", "-n", "nvidia-device-plugin", "-o", "json"
+        ).stdout
+    )
+    assert (
+        yaml.safe_load(plugin["data"]["mps-4"])["sharing"]["mps"]["resources"][0]["replicas"] == 4
+    )
+
+    fleets.delete("sharer")
+    labels = _node(cluster, nodes[0])["metadata"]
+    assert CONFIG_LABEL not in labels.get("labels", {})
+    assert PROFILE_LABEL not in labels.get("labels", {})
+    assert CLAIMS not in (labels.get("annotations") or {})
+
+    def children_gone() -> bool:
+        kinds = "deployments,replicasets,pods,services,configmaps,poddisruptionbudgets"
+        names = fleets.kubectl("get", kinds, "-l", "inferencefleet.dev/fleet=sharer", "-o", "name")
+        return names.strip() == ""
+
+    wait_until("the fleet's children to be garbage-collected", children_gone, timeout=60)
+
+
+def test_two_profiles_never_share_a_node(cluster: Any, fleets: Any) -> None:
+    first = {"product": BLACKWELL, "sharing": "timeSlicing", "workersPerGPU": 2}
+    fleets.apply(fleets.manifest("first", replicas=2, gpu=first))
+    node = fleets.wait_ready("first")["status"]["gpu"]["nodes"][0]
+
+    second = {"product": BLACKWELL, "sharing": "mps", "workersPerGPU": 2}
+    fleets.apply(fleets.manifest("second", replicas=1, gpu=second))
+    conflict = fleets.wait_condition("second", "GPUSharing", "False", "ProfileConflict")
+    assert node in conflict["message"]
+    assert f"{fleets.namespace}/first" in conflict["message"]
+    wait_until(
+        "a ProfileConflict event",
+        lambda: any(e["reason"] == "ProfileConflict" for e in fleets.events("second")),
+        timeout=30,
+    )
+    assert _node(cluster, node)["metadata"]["labels"][CONFIG_LABEL] == "timeslicing-2"
+    assert fleets.deployment("second")["spec"]["replicas"] == 0
+
+    fleets.delete("first")  # the node is free again: the second fleet takes it
+    fleets.wait_ready("second", timeout=120)
+    assert _node(cluster, node)["metadata"]["labels"][CONFIG_LABEL] == "mps-2"
+
+
+def test_a_fleet_that_cannot_fit_says_so_and_does_not_thrash(fleets: Any) -> None:
+    gpu = {"product": BLACKWELL, "sharing": "none", "workersPerGPU": 1}
+    fleets.apply(fleets.manifest("toobig", replicas=3, gpu=gpu))
+    capacity = fleets.wait_condition("toobig", "GPUCapacity", "False", "InsufficientGPUSlots")
+    assert "needs 3 GPU slots" in capacity["message"]
+    assert "1 slots available" in capacity["message"]
+    wait_until(
+        "an InsufficientGPUSlots event",
+        lambda: any(e["reason"] == "InsufficientGPUSlots" for e in fleets.events("toobig")),
+        timeout=30,
+    )
+    wait_until("the one pod that fits to run", lambda: len(fleets.pods("toobig")) == 1, timeout=60)
+    pods = fleets.pods("toobig")
+    assert all(p["spec"].get("nodeName") for p in pods), "a pod was left Pending"
+
+    fleets.kubectl("scale", "ifleet/toobig", "--replicas=4")  # another reconcile, still too big
+
+    def reconciled() -> bool:
+        fleet = fleets.get("toobig") or {}
+        return (fleet.get("status") or {}).get("gpu", {}).get("slotsNeeded") == 4
+
+    wait_until("the status to see 4 replicas", reconciled, timeout=60)
+    assert fleets.deployment("toobig")["spec"]["replicas"] == 1
+    assert _uids(fleets.pods("toobig")) == _uids(pods)
+
+
+def test_gpu_memory_shortfall_makes_no_pods(fleets: Any) -> None:
+    gpu = {"sharing": "timeSlicing", "workersPerGPU": 64, "memoryPerWorkerMiB": 2048}
+    fleets.apply(fleets.manifest("hungry", replicas=1, gpu=gpu))
+    capacity = fleets.wait_condition("hungry", "GPUCapacity", "False", "InsufficientGPUMemory")
+    assert "131072 MiB" in capacity["message"]
+    assert fleets.deployment("hungry")["spec"]["replicas"] == 0
