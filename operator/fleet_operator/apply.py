@@ -295,5 +295,7 @@ def ensure_peering(name: str, namespace: str | None) -> None:
             )
         log.info("created %s %s", kind, name)
     except ApiException as error:
-        if error.status != 409:
+        if error.status == 403:  # not ours to create: the chart (or an admin) made it
+            log.warning("may not create %s %s; expecting it to exist", kind, name)
+        elif error.status != 409:
             raise
