@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail when a target does not answer within this many seconds (default 5)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")
+    parser.add_argument("--json-file", type=Path, help="also write the results as JSON to a file")
     parser.add_argument("--plot", type=Path, help="write throughput vs p99 per step to this PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -232,8 +233,12 @@ def main(argv: list[str]) -> int:
         f"{meta['model']} · {meta['mode']} · batch {meta['batch']} · "
         f"{len(meta['targets'])} target(s)"
     )
+    document = json.dumps(sweep_json(meta, steps), indent=2)
+    if args.json_file is not None:
+        args.json_file.parent.mkdir(parents=True, exist_ok=True)
+        args.json_file.write_text(document + "\n", encoding="utf-8")
     if args.json:
-        print(json.dumps(sweep_json(meta, steps), indent=2))
+        print(document)
     else:
         out = Console()
         if not out.is_terminal:

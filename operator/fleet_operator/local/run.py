@@ -71,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def taken_ports(host: str, ports: list[int]) -> list[int]:
     """Ports something already listens on. Binds without SO_REUSEPORT, so a server that shares
-    its port (as gRPC servers do) is found too."""
+    its port (as gRPC servers do) is found too; SO_REUSEADDR, so that connections of a server
+    stopped a moment ago (TIME_WAIT) do not count as taken."""
     taken = []
     for port in ports:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as exc:
