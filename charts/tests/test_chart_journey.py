@@ -220,9 +220,10 @@ def check_past_capacity(j: Any, ns: str) -> None:
 
     obj = j.wait_until("capacity shortfall in status", short, timeout=120)
     assert obj["status"]["gpu"]["slotsAvailable"] == offered
-    messages = [c.get("message", "") for c in obj["status"]["conditions"]]
-    numbered = [m for m in messages if str(wanted) in m and str(offered) in m]
-    assert numbered, messages
+    capacity = condition(obj, "GPUCapacity")
+    assert (capacity["status"], capacity["reason"]) == ("False", "InsufficientGPUSlots")
+    assert f"needs {wanted} GPU slots" in capacity["message"], capacity["message"]
+    assert f"{offered} slots available" in capacity["message"], capacity["message"]
     assert condition(obj, "Ready")["status"] == "False"
 
 
