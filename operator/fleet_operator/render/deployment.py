@@ -138,7 +138,7 @@ def pod_template(spec: FleetSpec, owner: Owner, *, profile: str, image: str) -> 
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": 35,  # the worker drains for 30 s after SIGTERM
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS,
