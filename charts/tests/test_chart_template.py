@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "inferencefleet"
 Render = Callable[..., list[dict[str, Any]]]
@@ -227,3 +228,33 @@ def test_schema_errors_stop_helm_before_rendering(
     assert out.returncode != 0
     assert "values don't meet the specifications of the schema" in out.stderr
     assert expected in out.stderr
+
+
+def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str, str]]:
+    """(apiGroup, resource, verb, resourceName) for every combination a rule list allows."""
+    return {
+        (group, resource, verb, name)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames", [""])
+    }
+
+
+def test_rbac_is_what_operator_rbac_md_lists_for_a_standalone_operator(render: Render) -> None:
+    """The chart runs the operator --standalone: RBAC.md's rules minus kopf's peering rows."""
+    text = (CHART.parents[1] / "operator" / "RBAC.md").read_text()
+    block = text.split("## The rules, in machine form", 1)[1].split("```yaml", 1)[1]
+    listed = yaml.safe_load(block.split("```", 1)[0])
+
+    def without_peering(rules: list[dict[str, Any]]) -> set[tuple[str, str, str, str]]:
+        return {g for g in grants(rules) if g[0] != "kopf.dev"}
+
+    docs = render()
+    roles = {d["metadata"]["name"]: d["rules"] for d in only(docs, "ClusterRole")}
+    assert grants(roles["inferencefleet-cluster"]) == without_peering(listed["cluster"])
+    assert grants(roles["inferencefleet-fleets"]) == without_peering(listed["namespaced"])
+    device_plugin = one(docs, "Role")["rules"]
+    assert grants(device_plugin) == without_peering(listed["devicePlugin"])
+    assert "--standalone" in operator_args(docs)
