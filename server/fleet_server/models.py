@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +122,10 @@ def load_model(source: str) -> LoadedModel:
             raise ModelLoadError(f"{source}: not a torch.export program: {exc}") from exc
         return LoadedModel(name, program.module(), traceable=False)
     try:
-        scripted = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            # TorchScript is deprecated upstream, but it is what many users have to ship.
+            warnings.filterwarnings("ignore", "`torch.jit.load` is", FutureWarning)
+            scripted = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     except (RuntimeError, ValueError, OSError) as exc:
         raise ModelLoadError(f"{source}: not a TorchScript file: {exc}") from exc
     return LoadedModel(name, scripted.eval(), traceable=False)

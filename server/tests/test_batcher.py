@@ -1,0 +1,168 @@
+"""The dynamic batcher with the real tiny model: batching, splitting, queue limits, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from fleet_server.batcher import Batcher
+from fleet_server.errors import DeadlineExpired, NotReady, QueueFull
+from fleet_server.runner import ModelRunner
+from fleet_server.settings import BatchSettings
+
+Frames = Callable[..., npt.NDArray[np.uint8]]
+
+
+async def started(runner: ModelRunner, **settings: int) -> Batcher:
+    batcher = Batcher(runner, BatchSettings(**settings), model="tiny")
+    await batcher.start()
+    return batcher
+
+
+def test_many_concurrent_requests_each_get_their_own_logits(
+    tiny_reference: ModelRunner, frames: Frames
+) -> None:
+    inputs = [frames(1 + i % 3, seed=i) for i in range(24)]
+    expected = [tiny_reference.infer([x]) for x in inputs]
+
+    async def go() -> list[np.ndarray]:
+        batcher = await started(tiny_reference, max_batch_size=4, max_queue_size=256)
+        try:
+            return list(await asyncio.gather(*(batcher.infer(x) for x in inputs)))
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(go())
+    for got, want in zip(results, expected, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert len({r.tobytes() for r in results}) == len(results)  # responses really differ
+
+
+def test_request_larger_than_a_batch_is_split_and_merged(
+    tiny_reference: ModelRunner, frames: Frames
+) -> None:
+    x = frames(7, seed=3)
+    want = tiny_reference.infer([x])
+
+    async def go() -> tuple[np.ndarray, dict[int, int]]:
+        batcher = await started(tiny_reference, max_batch_size=3)
+        try:
+            got = await batcher.infer(x)
+            sizes = {size: b.compute_infer.count for size, b in batcher.stats.batches.items()}
+            return got, sizes
+        finally:
+            await batcher.close()
+
+    got, sizes = asyncio.run(go())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert max(sizes) <= 3
+    assert sum(size * count for size, count in sizes.items()) == 7
+
+
+def test_requests_queued_while_busy_leave_together(
+    tiny_reference: ModelRunner, frames: Frames
+) -> None:
+    async def go() -> dict[int, int]:
+        batcher = await started(tiny_reference, max_batch_size=8, max_queue_delay_us=0)
+        try:
+            # all eight are queued before the dispatcher first runs, so they leave together
+            await asyncio.gather(*(batcher.infer(frames(1, seed=i)) for i in range(8)))
+            return {size: b.compute_infer.count for size, b in batcher.stats.batches.items()}
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(go()) == {8: 1}
+
+
+def test_full_queue_rejects_at_once(tiny_reference: ModelRunner, frames: Frames) -> None:
+    async def go() -> list[object]:
+        batcher = await started(tiny_reference, max_batch_size=2, max_queue_size=3)
+        try:
+            calls = [batcher.infer(frames(1, seed=i)) for i in range(6)]
+            return list(await asyncio.gather(*calls, return_exceptions=True))
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(go())
+    rejected = [r for r in results if isinstance(r, QueueFull)]
+    assert len(rejected) == 3
+    assert "maxQueueSize 3" in str(rejected[0])
+    assert all(isinstance(r, np.ndarray) for r in results[:3])
+
+
+def test_request_bigger_than_the_queue_is_rejected(
+    tiny_reference: ModelRunner, frames: Frames
+) -> None:
+    async def go() -> None:
+        batcher = await started(tiny_reference, max_queue_size=4)
+        try:
+            with pytest.raises(QueueFull, match="exceed maxQueueSize 4"):
+                await batcher.infer(frames(5, seed=0))
+        finally:
+            await batcher.close()
+
+    asyncio.run(go())
+
+
+def test_expired_deadline_is_dropped_before_compute(
+    tiny_reference: ModelRunner, frames: Frames
+) -> None:
+    async def go() -> int:
+        batcher = await started(tiny_reference)
+        try:
+            with pytest.raises(DeadlineExpired, match="deadline exceeded"):
+                await batcher.infer(frames(1, seed=0), deadline=time.perf_counter() - 1)
+            return batcher.stats.inference_count
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(go()) == 0
+
+
+def test_a_failing_forward_fails_every_request_in_its_batch(
+    tiny_reference: ModelRunner, frames: Frames
+) -> None:
+    wrong = np.zeros((1, 8, 8, 3), dtype=np.uint8)  # the runner expects 32x32 frames
+
+    async def go() -> list[object]:
+        batcher = await started(tiny_reference, max_batch_size=4)
+        try:
+            calls = [batcher.infer(wrong) for _ in range(3)]
+            results = list(await asyncio.gather(*calls, return_exceptions=True))
+            results.append(await batcher.infer(frames(1, seed=1)))  # and it serves on
+            return results
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(go())
+    assert all(isinstance(r, Exception) for r in results[:3])
+    assert isinstance(results[3], np.ndarray)
+
+
+def test_live_settings_warm_up_a_larger_batch(tiny_reference: ModelRunner, frames: Frames) -> None:
+    async def go() -> tuple[int, int]:
+        batcher = await started(tiny_reference, max_batch_size=2)
+        try:
+            await batcher.apply(BatchSettings(max_batch_size=5))
+            await batcher.infer(frames(5, seed=2))
+            return batcher.settings.max_batch_size, max(batcher.stats.batches)
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(go()) == (5, 5)
+    assert tiny_reference.warmed_batch_size >= 5
+
+
+def test_closed_batcher_refuses_work(tiny_reference: ModelRunner, frames: Frames) -> None:
+    async def go() -> None:
+        batcher = await started(tiny_reference)
+        await batcher.close()
+        with pytest.raises(NotReady):
+            await batcher.infer(frames(1, seed=0))
+
+    asyncio.run(go())
