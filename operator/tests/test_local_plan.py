@@ -60,6 +60,10 @@ def test_one_worker_gets_every_core_and_overrides_win() -> None:
     )
     plan = plan_workers(spec, CPU_HOST, Options(threads=1, image_size=64, port=7000), BATCHING)[0]
     assert (plan.threads, plan.port) == (1, 7000)
+    no_metrics = plan_workers(
+        replace(spec, replicas=2), CPU_HOST, Options(metrics_port=0), BATCHING
+    )
+    assert [p.metrics_port for p in no_metrics] == [0, 0]
     assert plan.argv[plan.argv.index("--image-size") + 1] == "64"
 
 

@@ -34,7 +34,7 @@ class Options:
 
     host: str = "127.0.0.1"
     port: int = 8001  # first worker's gRPC port; the others follow
-    metrics_port: int = 9001  # first worker's metrics port; the others follow
+    metrics_port: int = 9001  # first worker's metrics port; the others follow (0: no metrics)
     device: str = "auto"  # auto: the GPUs when there are any, else the CPU; cpu: always the CPU
     threads: int | None = None  # torch threads per worker; None: sized from the cores
     image_size: int | None = None
@@ -146,7 +146,8 @@ def plan_workers(
     plans = []
     for index in range(where.workers):
         replica = index // spec.processes_per_pod
-        port, metrics_port = options.port + index, options.metrics_port + index
+        port = options.port + index
+        metrics_port = options.metrics_port + index if options.metrics_port else 0
         env = [("OMP_NUM_THREADS", str(where.threads)), ("OMP_WAIT_POLICY", "PASSIVE")]
         if where.on_gpu:
             gpu = host.gpus[replica % len(host.gpus)]

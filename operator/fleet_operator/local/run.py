@@ -96,7 +96,7 @@ def preflight(spec: FleetSpec, host: LocalHost, options: Options) -> None:
         if not capacity.fits or capacity.hosts_too_small:
             raise RefusedError(f"the fleet does not fit this machine: {capacity.message()}")
     plans = plan_workers(spec, host, options, Path("batching.json"))
-    wanted = [p.port for p in plans] + [p.metrics_port for p in plans]
+    wanted = [p.port for p in plans] + [p.metrics_port for p in plans if p.metrics_port]
     busy = taken_ports(options.host, wanted)
     if busy:
         raise RefusedError(

@@ -189,7 +189,7 @@ class Worker:
 
     async def scrape(self) -> None:
         """Add a metrics sample (nothing when the worker does not answer)."""
-        if self.state != "ready":
+        if self.state != "ready" or not self.plan.metrics_port:
             return
         try:
             text = await fetch_metrics("127.0.0.1", self.plan.metrics_port)
