@@ -194,6 +194,17 @@ class Journey:
         args: list[str] = json.loads(out.stdout)
         return args
 
+    def clean_up(self, namespace: str, release: str, *fleet_namespaces: str) -> None:
+        """After a failure: uninstall, and drop finalizers no operator will remove any more."""
+        self.cluster.helm("uninstall", release, "-n", namespace, "--wait", check=False)
+        for where in fleet_namespaces:
+            names = self.cluster.kubectl("get", "ifleet", "-n", where, "-o", "name", check=False)
+            for name in names.stdout.split():
+                self.cluster.kubectl(
+                    "patch", name, "-n", where, "--type=merge",
+                    "-p", '{"metadata":{"finalizers":null}}', check=False,
+                )  # fmt: skip
+
     @contextlib.contextmanager
     def extra_namespace(self, name: str) -> Iterator[str]:
         self.cluster.kubectl("create", "namespace", name)

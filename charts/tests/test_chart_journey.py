@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -80,72 +79,77 @@ def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
         "label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted", "--overwrite"
     )
     with j.extra_namespace(f"{ns}-elsewhere") as elsewhere:
-        # 2. install, run the operator with the chart's ServiceAccount, helm test.
-        install = cluster.helm(
-            "install", RELEASE, str(CHART), "-n", ns,
-            "--set", f"watchNamespaces={{{ns}}}", "--wait", "--timeout", "120s",
-        )  # fmt: skip
-        notes = install.stdout.split("NOTES:", 1)[1]
-        assert f"kubectl apply -n {ns} -f examples/fleet.yaml" in notes
-        assert f"helm test {RELEASE} -n {ns}" in notes
-        args = j.operator_args(ns, RELEASE)
-        assert f"--namespace={ns}" in args
-        with j.local_operator(ns, RELEASE, args, tmp_path / "op1") as operator:
-            test = cluster.helm("test", RELEASE, "-n", ns, "--timeout", "120s")
-            assert "Phase:          Succeeded" in test.stdout
-            assert operator.healthy()
+        try:
+            # 2. install, run the operator with the chart's ServiceAccount, helm test.
+            install = cluster.helm(
+                "install", RELEASE, str(CHART), "-n", ns,
+                "--set", f"watchNamespaces={{{ns}}}", "--wait", "--timeout", "120s",
+            )  # fmt: skip
+            notes = install.stdout.split("NOTES:", 1)[1]
+            assert f"kubectl apply -n {ns} -f examples/fleet.yaml" in notes
+            assert f"helm test {RELEASE} -n {ns}" in notes
+            args = j.operator_args(ns, RELEASE)
+            assert f"--namespace={ns}" in args
+            with j.local_operator(ns, RELEASE, args, tmp_path / "op1") as operator:
+                test = cluster.helm("test", RELEASE, "-n", ns, "--timeout", "120s")
+                assert "Phase:          Succeeded" in test.stdout
+                assert operator.healthy()
 
-            # A fleet where the operator does not look: applied first, so that by the time
-            # the watched fleet is Ready, this one has had every chance to be (wrongly) seen.
-            cluster.kubectl("apply", "-n", elsewhere, "-f", str(EXAMPLE))
+                # A fleet where the operator does not look: applied first, so that by the time
+                # the watched fleet is Ready, this one has had every chance to be (wrongly) seen.
+                cluster.kubectl("apply", "-n", elsewhere, "-f", str(EXAMPLE))
 
-            # 3. apply the example fleet in the restricted namespace.
-            cluster.kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
-            j.wait_until("detector Ready with 2", lambda: is_ready(j.fleet(ns), 2), timeout=180)
-            check_placement(j, ns, replicas=2)
-            check_printer_columns(j, ns)
-            check_left_alone(j, elsewhere)
+                # 3. apply the example fleet in the restricted namespace.
+                cluster.kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
+                j.wait_until("detector Ready with 2", lambda: is_ready(j.fleet(ns), 2), timeout=180)
+                check_placement(j, ns, replicas=2)
+                check_printer_columns(j, ns)
+                check_left_alone(j, elsewhere)
 
-            # 4. scale up, down, and past capacity.
-            for replicas in (6, 1):
-                cluster.kubectl("scale", "-n", ns, "ifleet/detector", f"--replicas={replicas}")
-                j.wait_until(
-                    f"{replicas}", lambda r=replicas: is_ready(j.fleet(ns), r), timeout=180
-                )
-                assert len(j.fleet_pods(ns)) == replicas
-            check_past_capacity(j, ns)
-            cluster.kubectl("scale", "-n", ns, "ifleet/detector", "--replicas=2")
-            j.wait_until("back to 2", lambda: is_ready(j.fleet(ns), 2), timeout=180)
+                # 4. scale up, down, and past capacity.
+                for replicas in (6, 1):
+                    cluster.kubectl("scale", "-n", ns, "ifleet/detector", f"--replicas={replicas}")
+                    j.wait_until(
+                        f"{replicas}", lambda r=replicas: is_ready(j.fleet(ns), r), timeout=180
+                    )
+                    assert len(j.fleet_pods(ns)) == replicas
+                check_past_capacity(j, ns)
+                cluster.kubectl("scale", "-n", ns, "ifleet/detector", "--replicas=2")
+                j.wait_until("back to 2", lambda: is_ready(j.fleet(ns), 2), timeout=180)
 
-            # 5. batching edits restart nothing; an image edit rolls out.
-            check_batching_edit_keeps_pods(j, ns)
-            check_image_edit_rolls_out(j, ns)
+                # 5. batching edits restart nothing; an image edit rolls out.
+                check_batching_edit_keeps_pods(j, ns)
+                check_image_edit_rolls_out(j, ns)
 
-        # 6. upgrade with changed values; the operator comes back with the new flags.
-        cluster.helm(
-            "upgrade", RELEASE, str(CHART), "-n", ns, "--reuse-values",
-            "--set", "logLevel=debug", "--set", "resources.limits.memory=384Mi",
-            "--wait", "--timeout", "120s",
-        )  # fmt: skip
-        args = j.operator_args(ns, RELEASE)
-        assert "--log-level=debug" in args
-        deployment = json.loads(
-            cluster.kubectl("get", "deployment", RELEASE, "-n", ns, "-o", "json").stdout
-        )
-        limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert limits["memory"] == "384Mi"
-        history = json.loads(cluster.helm("history", RELEASE, "-n", ns, "-o", "json").stdout)
-        assert [(h["revision"], h["status"]) for h in history][-1] == (2, "deployed")
-        with j.local_operator(ns, RELEASE, args, tmp_path / "op2"):
-            cluster.kubectl("patch", "-n", ns, "ifleet/detector", "--type=merge",
-                            "-p", '{"spec":{"replicas":3}}')  # fmt: skip
-            j.wait_until(
-                "upgraded operator reconciles", lambda: is_ready(j.fleet(ns), 3), timeout=180
+            # 6. upgrade with changed values; the operator comes back with the new flags.
+            cluster.helm(
+                "upgrade", RELEASE, str(CHART), "-n", ns, "--reuse-values",
+                "--set", "logLevel=debug", "--set", "resources.limits.memory=384Mi",
+                "--wait", "--timeout", "120s",
+            )  # fmt: skip
+            args = j.operator_args(ns, RELEASE)
+            assert "--log-level=debug" in args
+            deployment = json.loads(
+                cluster.kubectl("get", "deployment", RELEASE, "-n", ns, "-o", "json").stdout
             )
-            # Fleets go before the operator: it removes their finalizers and gives nodes back.
-            cluster.kubectl("delete", "-n", ns, "-f", str(EXAMPLE), "--wait=true", "--timeout=120s")
-        check_uninstall(j, ns)
-        check_left_alone(j, elsewhere)
+            limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert limits["memory"] == "384Mi"
+            history = json.loads(cluster.helm("history", RELEASE, "-n", ns, "-o", "json").stdout)
+            assert [(h["revision"], h["status"]) for h in history][-1] == (2, "deployed")
+            with j.local_operator(ns, RELEASE, args, tmp_path / "op2"):
+                cluster.kubectl("patch", "-n", ns, "ifleet/detector", "--type=merge",
+                                "-p", '{"spec":{"replicas":3}}')  # fmt: skip
+                j.wait_until(
+                    "upgraded operator reconciles", lambda: is_ready(j.fleet(ns), 3), timeout=180
+                )
+                # Fleets go before the operator: it removes their finalizers and gives nodes back.
+                cluster.kubectl(
+                    "delete", "-n", ns, "-f", str(EXAMPLE), "--wait=true", "--timeout=120s"
+                )
+            check_uninstall(j, ns)
+            check_left_alone(j, elsewhere)
+        finally:
+            j.clean_up(ns, RELEASE, ns, elsewhere)
 
 
 def check_placement(j: Any, ns: str, replicas: int) -> None:
@@ -163,6 +167,8 @@ def check_placement(j: Any, ns: str, replicas: int) -> None:
         node = nodes[pod["spec"]["nodeName"]]
         labels = node["metadata"]["labels"]
         assert labels["nvidia.com/gpu.product"] in ADA_LABELS
+        assert labels["nvidia.com/gpu.replicas"] == "4"
+        assert labels["nvidia.com/gpu.sharing-strategy"] == "time-slicing"
         gpus = int(labels["nvidia.com/gpu.count"])
         assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) == 4 * gpus
     status = j.fleet(ns)["status"]
@@ -233,13 +239,11 @@ def check_batching_edit_keeps_pods(j: Any, ns: str) -> None:
                     "-p", '{"spec":{"batching":{"maxBatchSize":16}}}')  # fmt: skip
 
     def applied() -> bool:
-        config_maps = json.loads(
-            j.cluster.kubectl("get", "configmaps", "-n", ns, "-o", "json").stdout
-        )
-        texts = [json.dumps(cm.get("data", {})) for cm in config_maps["items"]]
-        return any(re.search(r"maxBatchSize\W+16\b", text) for text in texts) and is_ready(
-            j.fleet(ns), 2
-        )
+        out = j.cluster.kubectl(
+            "get", "configmap", "detector-batching", "-n", ns,
+            "-o", "jsonpath={.data.batching\\.json}",
+        )  # fmt: skip
+        return bool(json.loads(out.stdout)["maxBatchSize"] == 16) and is_ready(j.fleet(ns), 2)
 
     j.wait_until("maxBatchSize 16 in the fleet's ConfigMap", applied, timeout=120)
     after = sorted(p["metadata"]["uid"] for p in j.fleet_pods(ns))
