@@ -33,10 +33,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.info: protocol.ModelInfo | None = None
         self.stats = ModelStats()
         self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._m_inflight = metrics.INFLIGHT.labels(model=model_name)
         self._m_frames = metrics.FRAMES.labels(model=model_name)
         self._m_duration = metrics.REQUEST_DURATION.labels(model=model_name)
         self._m_ok = metrics.REQUESTS.labels(model=model_name, code=grpc.StatusCode.OK.name)
+
+    async def wait_idle(self) -> None:
+        """Return once no inference request is in flight."""
+        await self._idle.wait()
 
     @property
     def ready(self) -> bool:
@@ -53,6 +60,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """The one inference path of unary and streaming calls; raises on any failure."""
         started = time.perf_counter()
         self._m_inflight.inc()
+        self.inflight += 1
+        self._idle.clear()
         try:
             batcher, info = self._serving()
             frames = protocol.frames_from_request(info, request)
@@ -65,6 +74,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             self._m_inflight.dec()
+            self.inflight -= 1
+            if not self.inflight:
+                self._idle.set()
         elapsed = time.perf_counter() - started
         self._m_ok.inc()
         self._m_frames.inc(frames.shape[0])

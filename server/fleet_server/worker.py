@@ -4,6 +4,7 @@ batching file, and on SIGTERM drain in-flight calls within the grace period and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -134,7 +135,14 @@ class Worker:
         await self.health.enter_graceful_shutdown()
         if watcher is not None:
             watcher.cancel()
-        await server.stop(config.grace_period_s)
+        # stop() refuses new calls at once and gives running ones the grace period; once no
+        # inference is in flight, a second stop(0) ends what is left (e.g. health Watch streams).
+        stopping = asyncio.create_task(server.stop(config.grace_period_s))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(config.grace_period_s):
+                await self.servicer.wait_idle()
+        await server.stop(0)
+        await stopping
         await batcher.close()
         log.info("stopped")
 

@@ -56,6 +56,7 @@ class WorkerProcess:
     log: list[str] = field(default_factory=list)
     port: int = 0
     _closed: bool = False
+    pump: threading.Thread | None = None
     _seen: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -101,37 +102,65 @@ class WorkerProcess:
 StartWorker = Callable[..., WorkerProcess]
 
 
-@pytest.fixture
-def start_worker() -> Iterator[StartWorker]:
-    """Start `inferencefleet serve` with extra flags; waits for SERVING unless wait=False."""
-    started: list[WorkerProcess] = []
+class Launcher:
+    """Starts workers and kills whatever is left of them at close()."""
 
-    def start(*flags: str, wait: bool = True, metrics: bool = True) -> WorkerProcess:
+    def __init__(self) -> None:
+        self.started: list[WorkerProcess] = []
+
+    def start(self, *flags: str, wait: bool = True, metrics: bool = True) -> WorkerProcess:
+        """`inferencefleet serve` with extra flags; waits for SERVING unless wait=False."""
         metrics_port = free_port() if metrics else 0
         argv = [sys.executable, "-m", "fleet_server.serve", "--host", "127.0.0.1"]
         argv += ["--metrics-port", str(metrics_port), "--threads", "1"]
-        if "--port" not in flags:
-            argv += ["--port", "0"]
+        port = 0
+        if "--port" not in flags:  # several workers share one fixed port
+            port = free_port() if "--workers" in flags else 0
+            argv += ["--port", str(port)]
         if "--image-size" not in flags:
             argv += ["--image-size", str(IMAGE)]
         env = {**os.environ, "PYTHONPATH": str(SERVER_DIR), "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
             [*argv, *flags], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
         )
-        worker = WorkerProcess(proc, metrics_port)
-        started.append(worker)
-        threading.Thread(target=worker._pump, name=f"pump-{proc.pid}", daemon=True).start()
+        worker = WorkerProcess(proc, metrics_port, port=port)
+        self.started.append(worker)
+        worker.pump = threading.Thread(target=worker._pump, name=f"pump-{proc.pid}", daemon=True)
+        worker.pump.start()
         if "--workers" not in flags:
             worker.port = int(worker.wait_for(LISTENING).group(1))
         if wait:
             worker.wait_for(SERVING)
         return worker
 
-    yield start
-    for worker in started:
-        if worker.proc.poll() is None:
-            worker.proc.kill()
-        worker.proc.wait()
+    def close(self) -> None:
+        for worker in self.started:
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+            worker.proc.wait()
+            if worker.pump is not None:
+                worker.pump.join(timeout=30)
+            if worker.proc.stderr is not None:
+                worker.proc.stderr.close()
+
+
+@pytest.fixture
+def start_worker() -> Iterator[StartWorker]:
+    """A function that starts a worker for this test (killed at the end of it)."""
+    launcher = Launcher()
+    yield launcher.start
+    launcher.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_worker() -> Iterator[WorkerProcess]:
+    """One tiny worker (32x32 frames, batch 4, queue 16, 1 MiB messages) shared by a module."""
+    launcher = Launcher()
+    yield launcher.start(
+        "--model", "builtin:tiny", "--max-batch-size", "4", "--max-queue-size", "16",
+        "--max-message-bytes", str(1024 * 1024),
+    )  # fmt: skip
+    launcher.close()
 
 
 @pytest.fixture(scope="session")
