@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import socket
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,14 +259,15 @@ def _strip_finalizers(cluster: Any, namespace: str) -> None:
         )
 
 
-@pytest.fixture
-def operator(cluster: Any, namespace: str, crds: None, tmp_path: Path) -> Iterator[OperatorProcess]:
-    """`inferencefleet operator` for this test's namespace, as a process with the admin kubeconfig.
+@contextlib.contextmanager
+def run_operator(
+    cluster: Any, namespace: str, log: Path, kubeconfig: Path | None = None
+) -> Iterator[OperatorProcess]:
+    """`inferencefleet operator` for one namespace, as a process (admin kubeconfig by default).
 
     At the end every fleet is deleted while the operator still runs (its finalizer gives the
     nodes back), then the process is stopped."""
     port = _free_port()
-    log = tmp_path / "operator.log"
     argv = [
         str(OPERATOR_BIN), "operator",
         "--namespace", namespace,
@@ -272,8 +275,11 @@ def operator(cluster: Any, namespace: str, crds: None, tmp_path: Path) -> Iterat
         "--liveness-port", str(port),
         "--log-level", "info",
     ]  # fmt: skip
+    env = dict(cluster.env)
+    if kubeconfig is not None:
+        env["KUBECONFIG"] = str(kubeconfig)
     with log.open("wb") as sink:
-        process = subprocess.Popen(argv, env=cluster.env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
     handle = OperatorProcess(process, log, f"http://127.0.0.1:{port}/healthz")
     try:
         wait_until(
@@ -300,6 +306,21 @@ def operator(cluster: Any, namespace: str, crds: None, tmp_path: Path) -> Iterat
             _strip_finalizers(cluster, namespace)
             _release_leftover_claims(cluster, namespace)
         print(handle.output()[-20000:])  # shown by pytest when the test failed
+
+
+@pytest.fixture
+def operator(cluster: Any, namespace: str, crds: None, tmp_path: Path) -> Iterator[OperatorProcess]:
+    """The operator for this test's namespace, with the admin kubeconfig."""
+    with run_operator(cluster, namespace, tmp_path / "operator.log") as handle:
+        yield handle
+
+
+@pytest.fixture
+def start_operator(
+    cluster: Any, namespace: str, crds: None, tmp_path: Path
+) -> Callable[..., contextlib.AbstractContextManager[OperatorProcess]]:
+    """For tests that start the operator themselves: start_operator(kubeconfig=...)."""
+    return functools.partial(run_operator, cluster, namespace, tmp_path / "operator.log")
 
 
 @pytest.fixture

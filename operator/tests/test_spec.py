@@ -117,3 +117,14 @@ def test_load_fleet_rejects_a_non_mapping(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(["not", "a", "fleet"]))
     with pytest.raises(FleetSpecError, match="mapping"):
         load_fleet(path)
+
+
+def test_object_defaults_spell_out_their_fields_defaults() -> None:
+    """The apiserver checks CEL rules against an object's default as written: it must be whole."""
+    spec_schema = fleet_spec.openapi_schema()["properties"]["spec"]["properties"]
+    for name in ("batching", "gpu"):
+        schema = spec_schema[name]
+        nested = {
+            key: sub["default"] for key, sub in schema["properties"].items() if "default" in sub
+        }
+        assert schema["default"] == nested, name
