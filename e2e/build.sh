@@ -73,6 +73,17 @@ grep -Eq "helm.sh/helm/v3 ${HELM_VERSION}( // indirect)?$" "$e2e/go/helm/go.mod"
   || die "e2e/go/helm/go.mod does not require helm ${HELM_VERSION}; run e2e/go/update.sh"
 
 mkdir -p "$dir"
+# One build per key at a time (two test sessions may start together): wait, then reuse.
+exec 9>"$dir/.lock"
+if ! flock -n 9; then
+  log "another build into $dir is running; waiting for it to finish"
+  flock 9
+  if complete; then
+    log "reusing $bin, built meanwhile"
+    echo "$dir"; exit 0
+  fi
+fi
+rm -rf "$dir"/bin.tmp.*
 tmp="$(mktemp -d "$dir/bin.tmp.XXXXXX")"
 buildlog="$dir/build.log"
 : > "$buildlog"

@@ -1,0 +1,270 @@
+"""Smoke tests of the test cluster: versions, GPU scheduling, the device-plugin stand-in."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from e2ecluster.deviceplugin import CONFIG_NAME, CONFIG_NAMESPACE, LABEL_CONFIG
+from e2ecluster.handle import Cluster, pinned_versions, wait_until
+
+pytestmark = pytest.mark.e2e
+
+ADA = "NVIDIA-RTX-6000-Ada-Generation"
+# More nvidia.com/gpu than any node offers, shared or not (the profile has 7 physical GPUs).
+TOO_MANY_GPUS = 99
+
+
+def deployment(name: str, replicas: int, gpus: int, **pod_spec: Any) -> str:
+    """A Deployment manifest whose pods each ask for `gpus` nvidia.com/gpu."""
+    manifest = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "worker",
+                            "image": "registry.invalid/worker:1",
+                            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                        }
+                    ],
+                    **pod_spec,
+                },
+            },
+        },
+    }
+    return json.dumps(manifest)
+
+
+def ada_affinity(product: str = ADA) -> dict[str, Any]:
+    term = {"key": "nvidia.com/gpu.product", "operator": "In", "values": [product]}
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [term]}]
+            }
+        }
+    }
+
+
+def get_json(cluster: Cluster, *args: str) -> Any:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def pods(cluster: Cluster, namespace: str, app: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = get_json(cluster, "pods", "-n", namespace, "-l", f"app={app}")[
+        "items"
+    ]
+    return items
+
+
+def test_readyz(cluster: Cluster) -> None:
+    assert cluster.get("/readyz") == (200, "ok")
+
+
+def test_kubectl_reports_the_pinned_version(cluster: Cluster) -> None:
+    want = pinned_versions()["KUBERNETES_VERSION"]
+    out = json.loads(cluster.kubectl("version", "-o", "json").stdout)
+    assert out["clientVersion"]["gitVersion"] == want
+    assert out["serverVersion"]["gitVersion"] == want
+    assert out["serverVersion"]["minor"] == want.split(".")[1]
+
+
+def test_helm_version_and_a_kube_version_gated_install(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    want = pinned_versions()["HELM_VERSION"]
+    assert cluster.helm("version", "--short").stdout.startswith(want)
+    chart = tmp_path / "probe"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text(
+        yaml.safe_dump(
+            {"apiVersion": "v2", "name": "probe", "version": "0.1.0", "kubeVersion": ">=1.30.0-0"}
+        )
+    )
+    (chart / "templates" / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: probe}\n"
+        "data: {kube: '{{ .Capabilities.KubeVersion.Version }}'}\n"
+    )
+    cluster.helm("install", "probe", str(chart), "-n", namespace, "--wait", "--timeout", "60s")
+    cm = get_json(cluster, "configmap", "probe", "-n", namespace)
+    assert cm["data"]["kube"] == pinned_versions()["KUBERNETES_VERSION"]
+    cluster.helm("uninstall", "probe", "-n", namespace, "--wait")
+
+
+def test_gpu_deployment_on_rtx_6000_ada_becomes_available(cluster: Cluster, namespace: str) -> None:
+    manifest = deployment("ada", replicas=3, gpus=1, affinity=ada_affinity())
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+    cluster.kubectl(
+        "wait", "-n", namespace, "deploy/ada", "--for=condition=Available", "--timeout=90s"
+    )
+    placed = pods(cluster, namespace, "ada")
+    assert len(placed) == 3
+    for pod in placed:
+        assert pod["spec"]["nodeName"].startswith("rtx6000ada-")
+        assert pod["status"]["phase"] == "Running"
+        assert pod["status"]["podIP"].startswith("10.244.")
+
+
+def test_asking_for_more_gpus_than_exist_stays_pending(cluster: Cluster, namespace: str) -> None:
+    manifest = deployment("greedy", replicas=1, gpus=TOO_MANY_GPUS)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+
+    def unschedulable() -> str:
+        for pod in pods(cluster, namespace, "greedy"):
+            for cond in pod["status"].get("conditions", []):
+                if cond["type"] == "PodScheduled" and cond.get("reason") == "Unschedulable":
+                    return str(cond.get("message", ""))
+        return ""
+
+    message = wait_until("the scheduler to give up on the pod", unschedulable, timeout=60)
+    assert "Insufficient nvidia.com/gpu" in message
+    events = get_json(
+        cluster, "events", "-n", namespace, "--field-selector", "reason=FailedScheduling"
+    )
+    assert any("Insufficient nvidia.com/gpu" in e["message"] for e in events["items"])
+    assert all(p["status"]["phase"] == "Pending" for p in pods(cluster, namespace, "greedy"))
+
+
+def node_gpus(cluster: Cluster, node: str) -> tuple[str, str, dict[str, str]]:
+    n = get_json(cluster, "node", node)
+    return (
+        n["status"]["capacity"].get("nvidia.com/gpu", ""),
+        n["status"]["allocatable"].get("nvidia.com/gpu", ""),
+        n["metadata"]["labels"],
+    )
+
+
+def wait_for_sharing(
+    cluster: Cluster, node: str, gpus: int, replicas: int, strategy: str, product: str
+) -> None:
+    """Wait until the node advertises `gpus`, then check the sharing labels."""
+    wait_until(
+        f"{node} to advertise {gpus} GPUs",
+        lambda: node_gpus(cluster, node)[:2] == (str(gpus), str(gpus)),
+        timeout=30,
+    )
+    labels = node_gpus(cluster, node)[2]
+    assert labels["nvidia.com/gpu.replicas"] == str(replicas)
+    assert labels["nvidia.com/gpu.sharing-strategy"] == strategy
+    assert labels["nvidia.com/gpu.product"] == product
+    assert labels["nvidia.com/gpu.count"] == "2"  # the physical GPUs, always
+
+
+def heartbeat(cluster: Cluster, node: str) -> str:
+    n = get_json(cluster, "node", node)
+    return next(c["lastHeartbeatTime"] for c in n["status"]["conditions"] if c["type"] == "Ready")
+
+
+@pytest.fixture
+def sharing_profile(cluster: Cluster) -> Any:
+    """Adds a 4-replica time-slicing key to the device plugin's ConfigMap; removes it after."""
+    key = f"ts4-{secrets.token_hex(3)}"
+    config = {
+        "version": "v1",
+        "sharing": {"timeSlicing": {"resources": [{"name": "nvidia.com/gpu", "replicas": 4}]}},
+    }
+    cm = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": CONFIG_NAME, "namespace": CONFIG_NAMESPACE},
+        "data": {key: yaml.safe_dump(config)},
+    }
+    cluster.kubectl(
+        "apply", "--server-side", f"--field-manager={key}", "-f", "-", input=json.dumps(cm)
+    )
+    yield key
+    cm["data"] = {}
+    cluster.kubectl(
+        "apply", "--server-side", f"--field-manager={key}", "-f", "-", input=json.dumps(cm)
+    )
+
+
+def test_time_slicing_label_multiplies_gpus_and_removing_it_undoes_it(
+    cluster: Cluster, namespace: str, sharing_profile: str
+) -> None:
+    node = "rtx6000ada-2"
+    assert node_gpus(cluster, node)[:2] == ("2", "2")
+    try:
+        cluster.kubectl("label", "node", node, f"{LABEL_CONFIG}={sharing_profile}")
+        wait_for_sharing(cluster, node, 8, 4, "time-slicing", f"{ADA}-SHARED")
+
+        # 8 one-GPU pods fit on that node only thanks to the sharing profile.
+        pinned = {"nodeSelector": {"kubernetes.io/hostname": node}}
+        cluster.kubectl(
+            "apply", "-n", namespace, "-f", "-", input=deployment("shared", 8, 1, **pinned)
+        )
+        cluster.kubectl(
+            "wait", "-n", namespace, "deploy/shared", "--for=condition=Available", "--timeout=90s"
+        )
+        assert {p["spec"]["nodeName"] for p in pods(cluster, namespace, "shared")} == {node}
+
+        # kwok's node heartbeat rewrites node status every 20-45 s: the capacity must stay.
+        before = heartbeat(cluster, node)
+        wait_until("a kwok heartbeat", lambda: heartbeat(cluster, node) != before, timeout=90)
+        assert node_gpus(cluster, node)[:2] == ("8", "8")
+
+        cluster.kubectl("scale", "-n", namespace, "deploy/shared", "--replicas=0")
+        wait_until("the pods to go", lambda: not pods(cluster, namespace, "shared"), timeout=60)
+    finally:
+        cluster.kubectl("label", "node", node, f"{LABEL_CONFIG}-")
+    wait_for_sharing(cluster, node, 2, 1, "none", ADA)
+
+
+def test_unknown_profile_key_changes_nothing(cluster: Cluster) -> None:
+    node = "rtx6000ada-1"
+    try:
+        cluster.kubectl("label", "node", node, f"{LABEL_CONFIG}=no-such-profile")
+        # The stand-in logs and leaves the node: its labels and capacity stay the defaults.
+        log = Path(cluster.state.dir / "logs" / "device-plugin.log")
+        wait_until(
+            "the stand-in to see the label",
+            lambda: "'no-such-profile' not in ConfigMap" in log.read_text(),
+            timeout=30,
+        )
+        capacity, _, labels = node_gpus(cluster, node)
+        assert capacity == "2"
+        assert labels["nvidia.com/gpu.sharing-strategy"] == "none"
+    finally:
+        cluster.kubectl("label", "node", node, f"{LABEL_CONFIG}-")
+
+
+def test_scale_to_zero_and_namespace_deletion_clean_up(cluster: Cluster) -> None:
+    ns = f"scale-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "namespace", ns)
+    try:
+        wait_until(
+            "the default ServiceAccount",
+            lambda: cluster.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0,
+            timeout=30,
+        )
+        cluster.kubectl(
+            "apply", "-n", ns, "-f", "-", input=deployment("scaled", 3, 1, affinity=ada_affinity())
+        )
+        cluster.kubectl(
+            "wait", "-n", ns, "deploy/scaled", "--for=condition=Available", "--timeout=90s"
+        )
+        assert len(pods(cluster, ns, "scaled")) == 3
+        cluster.kubectl("scale", "-n", ns, "deploy/scaled", "--replicas=0")
+        wait_until("scale to 0 to remove the pods", lambda: not pods(cluster, ns, "scaled"), 60)
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=deployment("again", 2, 1))
+        cluster.kubectl(
+            "wait", "-n", ns, "deploy/again", "--for=condition=Available", "--timeout=90s"
+        )
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=true", "--timeout=90s")
+    gone = cluster.kubectl("get", "namespace", ns, check=False)
+    assert gone.returncode != 0
+    assert "NotFound" in gone.stderr
+    leftover = get_json(cluster, "pods", "-A", "--field-selector", f"metadata.namespace={ns}")
+    assert leftover["items"] == []
