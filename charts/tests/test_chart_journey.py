@@ -45,12 +45,16 @@ def test_lint_and_server_side_dry_run(cluster: Any, namespace: str) -> None:
     rendered = cluster.helm(
         "template", RELEASE, str(CHART), "--namespace", namespace, "--include-crds"
     ).stdout
-    applied = cluster.kubectl(
-        "apply", "--dry-run=server", "-n", namespace, "-f", "-", input=rendered
-    )
+    # No -n: every namespaced object names its namespace (the device plugin's Role lives in
+    # nvidia-device-plugin, the rest in the release namespace).
+    applied = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
     lines = applied.stdout.splitlines()
     assert any(line.startswith("deployment.apps/inferencefleet ") for line in lines), lines
     assert any(f"customresourcedefinition.apiextensions.k8s.io/{CRD_NAME}" in ln for ln in lines)
+    assert any(
+        line.startswith("role.rbac.authorization.k8s.io/inferencefleet-device-plugin ")
+        for line in lines
+    ), lines
     assert all("(server dry run)" in line for line in lines), lines
 
 
