@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -180,14 +181,21 @@ def check_placement(j: Any, ns: str, replicas: int) -> None:
 
 
 def check_printer_columns(j: Any, ns: str) -> None:
+    """`kubectl get ifleet` shows the CRD's printer columns; -o wide adds the priority-1 ones."""
+    crd = yaml.safe_load((ROOT / "crds" / "inferencefleet.yaml").read_text())
+    columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
     table = j.cluster.kubectl("get", "ifleet", "-n", ns).stdout.splitlines()
-    assert table[0].split() == [
-        "NAME", "REPLICAS", "READY", "PRODUCT", "SHARING", "WORKERS/GPU", "MAXBATCH", "AGE",
+    assert table[0].split() == ["NAME"] + [
+        c["name"].upper() for c in columns if not c.get("priority")
+    ]
+    assert table[0].split()[:7] == [
+        "NAME", "REPLICAS", "READY", "PRODUCT", "SHARING", "WORKERS/GPU", "MAXBATCH",
     ]  # fmt: skip
     assert table[1].split()[:7] == ["detector", "2", "2", ADA, "timeSlicing", "4", "8"]
     wide = j.cluster.kubectl("get", "ifleet", "-n", ns, "-o", "wide").stdout.splitlines()
-    assert wide[0].split()[-3:] == ["MODEL", "SLOTS", "STATUS"]
-    assert "builtin:resnet18" in wide[1]
+    assert wide[0].split() == ["NAME"] + [c["name"].upper() for c in columns]
+    assert "builtin:resnet18" in wide[1].split()
+    assert "AllWorkersReady" in wide[1].split()
 
 
 def check_left_alone(j: Any, elsewhere: str) -> None:
