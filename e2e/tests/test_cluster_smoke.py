@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,27 +168,22 @@ def heartbeat(cluster: Cluster, node: str) -> str:
 
 
 @pytest.fixture
-def sharing_profile(cluster: Cluster) -> Any:
+def sharing_profile(cluster: Cluster) -> Iterator[str]:
     """Adds a 4-replica time-slicing key to the device plugin's ConfigMap; removes it after."""
     key = f"ts4-{secrets.token_hex(3)}"
     config = {
         "version": "v1",
         "sharing": {"timeSlicing": {"resources": [{"name": "nvidia.com/gpu", "replicas": 4}]}},
     }
-    cm = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": CONFIG_NAME, "namespace": CONFIG_NAMESPACE},
-        "data": {key: yaml.safe_dump(config)},
-    }
-    cluster.kubectl(
-        "apply", "--server-side", f"--field-manager={key}", "-f", "-", input=json.dumps(cm)
+    where = ("-n", CONFIG_NAMESPACE, f"configmap/{CONFIG_NAME}")
+    created = cluster.kubectl(
+        "create", "configmap", CONFIG_NAME, "-n", CONFIG_NAMESPACE, check=False
     )
+    assert created.returncode == 0 or "already exists" in created.stderr, created.stderr
+    patch = {"data": {key: yaml.safe_dump(config)}}
+    cluster.kubectl("patch", *where, "--type=merge", "-p", json.dumps(patch))
     yield key
-    cm["data"] = {}
-    cluster.kubectl(
-        "apply", "--server-side", f"--field-manager={key}", "-f", "-", input=json.dumps(cm)
-    )
+    cluster.kubectl("patch", *where, "--type=merge", "-p", json.dumps({"data": {key: None}}))
 
 
 def test_time_slicing_label_multiplies_gpus_and_removing_it_undoes_it(
