@@ -1,1 +1,1 @@
-"""The InferenceFleet inference worker: protocol, batcher, model runner, client and load generator."""
+"""The InferenceFleet worker: protocol, batcher, model runner, client and load generator."""
