@@ -14,7 +14,7 @@
 set -euo pipefail
 
 # Bump when the build recipe (flags, ldflags, outputs) changes: it is part of the key.
-RECIPE=3
+RECIPE=4
 
 e2e="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=versions.env
@@ -118,9 +118,11 @@ go_build() {
 # --- Kubernetes control plane + kubectl + etcd (one go build: shared packages compile once)
 k8s_major=1
 k8s_minor_num="$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
-build_date="$("$GO" mod download -json "k8s.io/kubernetes@${KUBERNETES_VERSION}" 2>/dev/null \
-  | sed -n 's/^[[:space:]]*"Time": "\(.*\)",\{0,1\}$/\1/p' | head -n1)"
-build_date="${build_date:-1970-01-01T00:00:00Z}"
+# buildDate: the release's publication time from the module proxy (reproducible).
+info_file="$(cd "$e2e/go/k8s" && "$GO" mod download -json "k8s.io/kubernetes@${KUBERNETES_VERSION}" \
+  | sed -n 's/^[[:space:]]*"Info": "\(.*\)",$/\1/p')"
+build_date="$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info_file" 2>/dev/null || true)"
+[[ -n "$build_date" ]] || die "no publication time for k8s.io/kubernetes@${KUBERNETES_VERSION} in '$info_file'"
 kver=""
 for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   kver+=" -X $p.gitVersion=${KUBERNETES_VERSION} -X $p.gitMajor=${k8s_major}"

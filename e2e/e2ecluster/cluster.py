@@ -8,6 +8,7 @@ is never signalled), next to the kubeconfig, keys, logs and etcd's data.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import json
@@ -218,14 +219,25 @@ def ensure_built() -> Path:
     if override:
         return _check_build_dir(Path(override))
     try:
-        out = subprocess.run(
-            [str(BUILD_SH)], stdout=subprocess.PIPE, text=True, check=False, timeout=3600
+        proc = subprocess.Popen(
+            [str(BUILD_SH)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
     except OSError as e:
         raise ClusterError(f"cannot run {BUILD_SH}: {e}") from e
-    if out.returncode != 0:
-        raise ClusterError(f"{BUILD_SH} failed (exit {out.returncode}); see its output above")
-    return _check_build_dir(Path(out.stdout.strip().splitlines()[-1]))
+    # Progress goes on to our stderr as it comes; the end of it goes into the error.
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    assert proc.stderr is not None
+    assert proc.stdout is not None
+    with proc:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line.rstrip())
+        stdout = proc.stdout.read()
+    if proc.returncode != 0:
+        raise ClusterError(
+            f"{BUILD_SH} failed (exit {proc.returncode}):\n" + "\n".join("    " + t for t in tail)
+        )
+    return _check_build_dir(Path(stdout.strip().splitlines()[-1]))
 
 
 def _check_build_dir(build_dir: Path) -> Path:
