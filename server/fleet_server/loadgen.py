@@ -117,20 +117,20 @@ def channel_options(local_pool: bool) -> list[tuple[str, int | str]]:
 
 async def check_ready(target: str, timeout_s: float) -> None:
     """Fail fast, with the reason, when `target` does not answer ServerReady in time."""
+    shown = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
     async with grpc.aio.insecure_channel(target, options=channel_options(True)) as channel:
         call: _Unary = channel.unary_unary(SERVER_READY)
         try:
             # no wait_for_ready: a refused connection fails at once, a silent host at the deadline
             reply = await call(b"", timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            shown = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 reason = f"no answer within {timeout_s:g} s"
             else:
                 reason = f"{exc.code().name}: {exc.details()}"
             raise TargetError(f"{shown} does not answer ({reason})") from exc
     if not decode_server_ready(reply):
-        raise TargetError(f"{target} answers but says it is not ready")
+        raise TargetError(f"{shown} answers but says it is not ready")
 
 
 class LoadGenerator:
