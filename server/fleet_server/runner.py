@@ -74,11 +74,13 @@ class ModelRunner:
         self._forward: Callable[[torch.Tensor], torch.Tensor] = module
         if loaded.traceable and optimize:
             self._forward = self._trace_and_freeze(module)
-        self._scale = torch.tensor([1 / (255 * s) for s in _STD], device=device).view(1, 3, 1, 1)
-        self._shift = torch.tensor(
-            [-m / s for m, s in zip(_MEAN, _STD, strict=True)], device=device
-        )
-        self._shift = self._shift.view(1, 3, 1, 1)
+        # Per-channel constants repeated along a row: a row of W*3 interleaved RGB values is then
+        # normalised with long vectorised loops (a 3-wide broadcast is several times slower).
+        row = image_size
+        scale = torch.tensor([1 / (255 * s) for s in _STD], device=device).repeat(row)
+        shift = torch.tensor([-m / s for m, s in zip(_MEAN, _STD, strict=True)], device=device)
+        self._scale_row = scale.view(1, 1, row * 3)
+        self._shift_row = shift.repeat(row).view(1, 1, row * 3)
         self._staging: torch.Tensor | None = None
 
     def _trace_and_freeze(self, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -112,9 +114,12 @@ class ModelRunner:
         """uint8 frames [n_i, H, W, 3] (one array per request part) -> logits [sum n_i, classes]."""
         frames = sum(part.shape[0] for part in parts)
         staged = self._stage(parts, frames)
+        size = self.image_size
         with torch.inference_mode():
-            x = staged.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW, channels_last
-            x = torch.addcmul(self._shift, x, self._scale).to(self.dtype)
+            rows = staged.to(self.device, non_blocking=True).view(frames, size, size * 3).float()
+            rows = rows.mul_(self._scale_row).add_(self._shift_row)
+            # NHWC memory seen as NCHW: exactly the channels_last layout the model was traced in
+            x = rows.view(frames, size, size, 3).permute(0, 3, 1, 2).to(self.dtype)
             logits = self._forward(x)
             result: Logits = logits.float().cpu().numpy()
         return result
