@@ -8,6 +8,7 @@ ConfigMap by a merge patch of one key. Every verb used here is listed in operato
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -38,6 +39,34 @@ def connect() -> None:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     else:
         config.load_kube_config()  # type: ignore[no-untyped-call]
+    for api in (_core, _apps, _custom, _policy):  # import the API classes now, not mid-reconcile
+        api()
+
+
+# One client per API group, sharing one connection pool (created after connect()).
+@functools.cache
+def _api_client() -> client.ApiClient:
+    return client.ApiClient()
+
+
+@functools.cache
+def _core() -> client.CoreV1Api:
+    return client.CoreV1Api(_api_client())
+
+
+@functools.cache
+def _apps() -> client.AppsV1Api:
+    return client.AppsV1Api(_api_client())
+
+
+@functools.cache
+def _custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(_api_client())
+
+
+@functools.cache
+def _policy() -> client.PolicyV1Api:
+    return client.PolicyV1Api(_api_client())
 
 
 def _json(response: Any) -> dict[str, Any]:
@@ -63,7 +92,7 @@ class DevicePluginConfig:
 def get_fleet(namespace: str, name: str) -> dict[str, Any] | None:
     try:
         return _json(
-            client.CustomObjectsApi().get_namespaced_custom_object(
+            _custom().get_namespaced_custom_object(
                 GROUP,
                 VERSION,
                 namespace,
@@ -82,7 +111,7 @@ def get_fleet(namespace: str, name: str) -> dict[str, Any] | None:
 def get_deployment(namespace: str, name: str) -> dict[str, Any] | None:
     try:
         return _json(
-            client.AppsV1Api().read_namespaced_deployment(
+            _apps().read_namespaced_deployment(
                 name, namespace, _preload_content=False, _request_timeout=TIMEOUT
             )
         )
@@ -94,7 +123,7 @@ def get_deployment(namespace: str, name: str) -> dict[str, Any] | None:
 
 def list_worker_pods(namespace: str, fleet: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = _json(
-        client.CoreV1Api().list_namespaced_pod(
+        _core().list_namespaced_pod(
             namespace,
             label_selector=f"{FLEET_LABEL}={fleet}",
             _preload_content=False,
@@ -105,7 +134,7 @@ def list_worker_pods(namespace: str, fleet: str) -> list[dict[str, Any]]:
 
 
 def list_nodes() -> list[NodeView]:
-    items = _json(client.CoreV1Api().list_node(_preload_content=False, _request_timeout=TIMEOUT))
+    items = _json(_core().list_node(_preload_content=False, _request_timeout=TIMEOUT))
     return [node_view(item) for item in items["items"]]
 
 
@@ -125,15 +154,13 @@ def apply(manifest: dict[str, Any]) -> None:
     }
     kind = manifest["kind"]
     if kind == "Deployment":
-        client.AppsV1Api().patch_namespaced_deployment(name, namespace, manifest, **options)
+        _apps().patch_namespaced_deployment(name, namespace, manifest, **options)
     elif kind == "Service":
-        client.CoreV1Api().patch_namespaced_service(name, namespace, manifest, **options)
+        _core().patch_namespaced_service(name, namespace, manifest, **options)
     elif kind == "ConfigMap":
-        client.CoreV1Api().patch_namespaced_config_map(name, namespace, manifest, **options)
+        _core().patch_namespaced_config_map(name, namespace, manifest, **options)
     elif kind == "PodDisruptionBudget":
-        client.PolicyV1Api().patch_namespaced_pod_disruption_budget(
-            name, namespace, manifest, **options
-        )
+        _policy().patch_namespaced_pod_disruption_budget(name, namespace, manifest, **options)
     else:
         raise ValueError(f"no apply for kind {kind}")
 
@@ -144,7 +171,7 @@ def patch_node(name: str, patcher: NodePatcher) -> bool | None:
     Returns True if the node changed, False if nothing was needed, None if the patcher
     refused (the node is no longer usable). Retries on a conflicting concurrent write.
     """
-    api = client.CoreV1Api()
+    api = _core()
     for _ in range(CONFLICT_RETRIES):
         try:
             node = node_view(
@@ -178,7 +205,7 @@ def patch_node(name: str, patcher: NodePatcher) -> bool | None:
 
 def set_device_plugin_profile(where: DevicePluginConfig, key: str, value: str | None) -> None:
     """Add (value) or remove (None) one key of the device plugin's ConfigMap; other keys stay."""
-    api = client.CoreV1Api()
+    api = _core()
     options: dict[str, Any] = {
         "field_manager": FIELD_MANAGER,
         "_preload_content": False,
@@ -213,7 +240,7 @@ def set_device_plugin_profile(where: DevicePluginConfig, key: str, value: str | 
 def get_device_plugin_keys(where: DevicePluginConfig) -> dict[str, str]:
     try:
         document = _json(
-            client.CoreV1Api().read_namespaced_config_map(
+            _core().read_namespaced_config_map(
                 where.name, where.namespace, _preload_content=False, _request_timeout=TIMEOUT
             )
         )
@@ -228,7 +255,7 @@ def get_device_plugin_keys(where: DevicePluginConfig) -> dict[str, str]:
 def patch_fleet_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     """Replace the fleet's status (merge patch of the status subresource; lists are replaced)."""
     try:
-        client.CustomObjectsApi().patch_namespaced_custom_object_status(
+        _custom().patch_namespaced_custom_object_status(
             GROUP,
             VERSION,
             namespace,
@@ -272,7 +299,7 @@ def post_event(fleet: dict[str, Any], kind: str, reason: str, message: str) -> N
         "count": 1,
     }
     try:
-        client.CoreV1Api().create_namespaced_event(
+        _core().create_namespaced_event(
             meta["namespace"], cast(Any, body), _preload_content=False, _request_timeout=TIMEOUT
         )
     except ApiException as error:  # an Event is worth a log line, never a failed reconcile
@@ -281,7 +308,7 @@ def post_event(fleet: dict[str, Any], kind: str, reason: str, message: str) -> N
 
 def ensure_peering(name: str, namespace: str | None) -> None:
     """Create kopf's peering object (KopfPeering, or ClusterKopfPeering when namespace is None)."""
-    api = client.CustomObjectsApi()
+    api = _custom()
     kind = "KopfPeering" if namespace else "ClusterKopfPeering"
     body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
     try:

@@ -127,6 +127,7 @@ def main(argv: list[str]) -> int:
                 args.device_plugin_configmap, args.device_plugin_namespace
             ),
             worker_image=args.worker_image,
+            namespaces=None if args.all_namespaces else tuple(args.namespace),
         ),
         peering_name=peering_name,
         peering_namespaces=[None] if args.all_namespaces else list(args.namespace),

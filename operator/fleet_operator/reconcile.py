@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import threading
 from collections import defaultdict
@@ -35,6 +36,10 @@ class OperatorConfig:
 
     device_plugin: apply.DevicePluginConfig = field(default_factory=apply.DevicePluginConfig)
     worker_image: str = DEFAULT_WORKER_IMAGE
+    namespaces: tuple[str, ...] | None = None  # watched namespaces; None: all of them
+
+    def watches(self, namespace: str) -> bool:
+        return self.namespaces is None or namespace in self.namespaces
 
 
 # Handlers run in threads: one fleet is reconciled by one of them at a time.
@@ -82,6 +87,21 @@ def _forget_unused_profiles(cfg: OperatorConfig) -> None:
             apply.set_device_plugin_profile(cfg.device_plugin, key, None)
 
 
+def _drop_stale_claims(plan: ClaimPlan, cfg: OperatorConfig) -> bool:
+    """Claims of fleets that no longer exist (deleted while no operator ran) block nobody."""
+    dropped = False
+    for conflict in plan.conflicts:
+        for holder in conflict.fleets:
+            namespace, _, name = holder.partition("/")
+            if cfg.watches(namespace) and apply.get_fleet(namespace, name) is None:
+                log.info("dropping the claim of deleted fleet %s on %s", holder, conflict.node)
+                apply.patch_node(conflict.node, functools.partial(release_patch, me=holder))
+                dropped = True
+    if dropped:
+        _forget_unused_profiles(cfg)
+    return dropped
+
+
 def reconcile(fleet: Mapping[str, Any], cfg: OperatorConfig) -> None:
     """Bring the cluster to what the fleet declares, then write its status. Idempotent."""
     meta = fleet["metadata"]
@@ -92,6 +112,8 @@ def reconcile(fleet: Mapping[str, Any], cfg: OperatorConfig) -> None:
             _report_invalid(dict(fleet), str(error))
             raise
         plan = plan_claims(spec, apply.list_nodes())
+        if plan.conflicts and _drop_stale_claims(plan, cfg):
+            plan = plan_claims(spec, apply.list_nodes())
         if _hold_nodes(spec, plan, cfg, dict(fleet)):
             plan = plan_claims(spec, apply.list_nodes())  # what the nodes now say
         owner = Owner(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation", 1)))

@@ -68,7 +68,7 @@ def test_batching_change_restarts_no_pod(fleets: Any) -> None:
     fleets.apply(fleets.manifest("batcher", replicas=2))
     fleets.wait_ready("batcher")
     before = _uids(fleets.pods("batcher"))
-    generation = fleets.deployment("batcher")["metadata"]["generation"]
+    deployment = fleets.deployment("batcher")
 
     fleets.kubectl(
         "patch", "ifleet", "batcher", "--type=merge", "-p",
@@ -77,7 +77,13 @@ def test_batching_change_restarts_no_pod(fleets: Any) -> None:
     fleets.wait_ready("batcher")
     configmap = json.loads(fleets.kubectl("get", "configmap", "batcher-batching", "-o", "json"))
     assert json.loads(configmap["data"]["batching.json"])["maxBatchSize"] == 16
-    assert fleets.deployment("batcher")["metadata"]["generation"] == generation
+    after = fleets.deployment("batcher")
+    assert after["spec"]["template"] == deployment["spec"]["template"]
+    revision = "deployment.kubernetes.io/revision"
+    assert (
+        after["metadata"]["annotations"][revision]
+        == deployment["metadata"]["annotations"][revision]
+    )
     assert _uids(fleets.pods("batcher")) == before
 
 
@@ -192,3 +198,21 @@ def test_gpu_memory_shortfall_makes_no_pods(fleets: Any) -> None:
     capacity = fleets.wait_condition("hungry", "GPUCapacity", "False", "InsufficientGPUMemory")
     assert "131072 MiB" in capacity["message"]
     assert fleets.deployment("hungry")["spec"]["replicas"] == 0
+
+
+def test_claims_of_deleted_fleets_do_not_block(cluster: Any, fleets: Any) -> None:
+    node = "rtxpro6000bw-0"
+    ghost = f"{fleets.namespace}/ghost"  # a fleet deleted while no operator ran
+    patch = {
+        "metadata": {
+            "labels": {PROFILE_LABEL: "mps-2", CONFIG_LABEL: "mps-2"},
+            "annotations": {CLAIMS: ghost},
+        }
+    }
+    cluster.kubectl("patch", "node", node, "--type=merge", "-p", json.dumps(patch))
+    gpu = {"product": BLACKWELL, "sharing": "timeSlicing", "workersPerGPU": 2}
+    fleets.apply(fleets.manifest("heir", replicas=2, gpu=gpu))
+    fleets.wait_ready("heir")
+    labels = _node(cluster, node)["metadata"]
+    assert labels["labels"][CONFIG_LABEL] == "timeslicing-2"
+    assert labels["annotations"][CLAIMS] == f"{fleets.namespace}/heir"
