@@ -1,8 +1,9 @@
 """Raw in-process model throughput vs the same model served over gRPC, in one run.
 
 Prints raw frames/s per batch size (the model runner alone, same threads, same uint8 -> logits
-work), served frames/s at saturation (a separate load-generator process keeps a fixed number
-of single-frame requests in flight: one ModelStreamInfer stream, then concurrent unary calls),
+work), served frames/s at saturation (the worker's maxBatchSize set to the raw best batch size;
+this process, separate from the worker, keeps a fixed number of single-frame requests in
+flight: one ModelStreamInfer stream, then concurrent unary calls),
 `served/raw ratio: 0.NN` (best served / best raw), and the p50 latency a request pays at
 concurrency 1 over the raw batch-1 forward. Raw is measured before and after the served phase;
 the ratio uses the higher of the two, so background load can only make it look worse.
@@ -150,9 +151,11 @@ def main() -> int:
     p.add_argument("--model", default="builtin:resnet18")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, default=8, help="largest raw batch measured")
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
-    p.add_argument("--in-flight", type=int, default=16, help="requests in flight at saturation")
+    p.add_argument(
+        "--in-flight", type=int, default=0, help="requests in flight (default 2 x served batch)"
+    )
     p.add_argument("--seconds", type=float, default=20.0, help="each served saturation window")
     p.add_argument("--warmup-seconds", type=float, default=3.0)
     p.add_argument("--raw-seconds", type=float, default=6.0, help="per raw batch size")
@@ -170,13 +173,18 @@ def main() -> int:
     print(f"model {args.model}, {args.threads} torch threads, {args.image_size}x{args.image_size}")
     print(f"cpu cores {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start")
     raw1 = run_raw_subprocess(args)
+    fps0: dict[int, float] = raw1["fps"]  # type: ignore[assignment]
+    serve_batch = max(fps0, key=lambda b: fps0[b])
+    in_flight = args.in_flight or max(4, 2 * serve_batch)
+    args.in_flight = in_flight
+    print(f"served with --max-batch-size {serve_batch} (the raw best), {in_flight} in flight")
     port = free_port()
     server = subprocess.Popen(
         [
             sys.executable, "-m", "fleet_server.serve", "--model", args.model,
             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
             "--threads", str(args.threads), "--image-size", str(args.image_size),
-            "--max-batch-size", str(args.max_batch_size),
+            "--max-batch-size", str(serve_batch),
             "--max-queue-delay-us", str(args.max_queue_delay_us),
             "--max-queue-size", str(max(64, 4 * args.in_flight)),
         ],

@@ -66,6 +66,8 @@ class ModelRunner:
         self.image_size = image_size
         self.num_classes = 0  # known after warm_up
         self.warmed_batch_size = 0
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # warm-up picks the kernels for each batch size
         module = loaded.module.to(device=device)
         if loaded.traceable:
             module = module.to(dtype=dtype).to(memory_format=torch.channels_last)

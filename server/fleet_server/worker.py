@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
+GPU_MEMORY_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Worker:
         self.health = health_aio.HealthServicer()
         self.port = 0
         self._stop = asyncio.Event()
+        self._gpu_memory: asyncio.Task[None] | None = None
 
     async def _set_health(self, serving: bool) -> None:
         status = (
@@ -133,8 +135,9 @@ class Worker:
         log.info("shutting down: NOT_SERVING, draining for up to %.1fs", config.grace_period_s)
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
-        if watcher is not None:
-            watcher.cancel()
+        for task in (watcher, self._gpu_memory):
+            if task is not None:
+                task.cancel()
         # stop() refuses new calls at once and gives running ones the grace period; once no
         # inference is in flight, a second stop(0) ends what is left (e.g. health Watch streams).
         stopping = asyncio.create_task(server.stop(config.grace_period_s))
@@ -156,11 +159,8 @@ class Worker:
         await batcher.start()
         loaded = time.perf_counter() - started
         metrics.MODEL_LOAD_SECONDS.labels(model=config.model_name).set(loaded)
-        memory = runner.gpu_memory_allocated()
-        if memory is not None:
-            metrics.GPU_MEMORY_ALLOCATED.labels(
-                model=config.model_name, device=str(runner.device)
-            ).set(memory)
+        if runner.device.type == "cuda":
+            self._gpu_memory = asyncio.create_task(self._report_gpu_memory(runner))
         self.servicer.info = protocol.ModelInfo(
             config.model_name, config.image_size, runner.num_classes, runner.device.type == "cuda"
         )
@@ -172,6 +172,14 @@ class Worker:
             runner.num_classes,
         )
         return batcher
+
+    async def _report_gpu_memory(self, runner: ModelRunner) -> None:
+        gauge = metrics.GPU_MEMORY_ALLOCATED.labels(
+            model=self.config.model_name, device=str(runner.device)
+        )
+        while True:
+            gauge.set(runner.gpu_memory_allocated() or 0)
+            await asyncio.sleep(GPU_MEMORY_INTERVAL_S)
 
     async def _watch_batching(self, batcher: Batcher) -> None:
         """Poll the batching file (a ConfigMap mount swaps a symlink) and apply changes live."""
