@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ from fleet_server.models import BUILTIN_PREFIX, ModelLoadError, default_name
 from fleet_server.settings import BatchSettings, SettingsError
 
 log = logging.getLogger("fleet_server.serve")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +98,15 @@ def main(argv: list[str]) -> int:
     return _serve_one(args, settings, threads)
 
 
+def _die_with_parent() -> None:
+    """A supervised worker gets SIGTERM (and drains) if its supervisor dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("cannot ask to be stopped with the supervisor (no prctl)")
+
+
 def _serve_one(args: argparse.Namespace, settings: BatchSettings, threads: int) -> int:
     # Idle OpenMP threads sleep instead of spinning: the gRPC and event-loop threads share the
     # cores with torch. Must be set before torch loads its OpenMP runtime.
@@ -105,6 +116,8 @@ def _serve_one(args: argparse.Namespace, settings: BatchSettings, threads: int) 
     from fleet_server import metrics
     from fleet_server.worker import WorkerConfig, run_worker
 
+    if args.reuse_port:  # started by _supervise
+        _die_with_parent()
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     if args.metrics_port:
