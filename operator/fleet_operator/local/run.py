@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import signal
 import socket
 import sys
@@ -21,8 +22,13 @@ from fleet_operator.local.host import discover
 from fleet_operator.local.manifest import check_model_file, read_fleet, watch_file
 from fleet_operator.local.plan import LocalHost, Options, local_capacity, placement, plan_workers
 from fleet_operator.local.view import fleet_view, state_line
-from fleet_operator.local.worker import Policy
+from fleet_operator.local.worker import Policy, tail
 from fleet_operator.spec import FleetSpec, FleetSpecError
+
+
+def say(console: Console, text: str) -> None:
+    """A message for the user (above the live table when there is one)."""
+    console.print(text, highlight=False, soft_wrap=True)
 
 
 class RefusedError(RuntimeError):
@@ -117,7 +123,7 @@ class Runner:
         self._states: dict[str, str] = {}
 
     def say(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)
+        say(self.console, text)
 
     async def on_edit(self) -> None:
         try:
@@ -170,15 +176,9 @@ class Runner:
                     f"{failed.plan.name} failed {failed.failures} times without becoming ready; "
                     f"stopping the fleet. Last lines of {failed.log_path}:"
                 )
-                self.say("\n".join(_tail(failed.log_path)))
+                self.say("\n".join(tail(failed.log_path, 20)))
                 return 1
         return 0
-
-
-def _tail(path: Path) -> list[str]:
-    from fleet_operator.local.worker import tail
-
-    return tail(path, 20)
 
 
 @contextlib.contextmanager
@@ -203,8 +203,7 @@ async def _run(args: argparse.Namespace, spec: FleetSpec, host: LocalHost, optio
         unresponsive_s=args.unresponsive_s,
         backoff_s=args.backoff_s,
     )
-    runner: Runner
-    fleet = Fleet(spec, host, options, run_dir, policy, lambda text: runner.say(text))
+    fleet = Fleet(spec, host, options, run_dir, policy, functools.partial(say, console))
     runner = Runner(args, fleet, console)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
