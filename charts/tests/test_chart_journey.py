@@ -110,6 +110,7 @@ def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
                 check_placement(j, ns, replicas=2)
                 check_printer_columns(j, ns)
                 check_left_alone(j, elsewhere)
+                check_mps_example(j, ns)
 
                 # 4. scale up, down, and past capacity.
                 for replicas in (6, 1):
@@ -196,6 +197,24 @@ def check_printer_columns(j: Any, ns: str) -> None:
     assert wide[0].split() == ["NAME"] + [c["name"].upper() for c in columns]
     assert "builtin:resnet18" in wide[1].split()
     assert "AllWorkersReady" in wide[1].split()
+
+
+def check_mps_example(j: Any, ns: str) -> None:
+    """examples/fleet-mps.yaml: Ready on the Blackwell node, its GPU shared through MPS."""
+    mps = ROOT / "examples" / "fleet-mps.yaml"
+    j.cluster.kubectl("apply", "-n", ns, "-f", str(mps))
+    j.wait_until(
+        "detector-mps Ready with 4", lambda: is_ready(j.fleet(ns, "detector-mps"), 4), timeout=180
+    )
+    for pod in j.fleet_pods(ns, "detector-mps"):
+        node = json.loads(
+            j.cluster.kubectl("get", "node", pod["spec"]["nodeName"], "-o", "json").stdout
+        )
+        labels = node["metadata"]["labels"]
+        assert labels["nvidia.com/gpu.product"].startswith("NVIDIA-RTX-PRO-6000-Blackwell")
+        assert labels["nvidia.com/gpu.sharing-strategy"] == "mps"
+        assert labels["nvidia.com/gpu.replicas"] == "4"
+    j.cluster.kubectl("delete", "-n", ns, "-f", str(mps), "--wait=true", "--timeout=120s")
 
 
 def check_left_alone(j: Any, elsewhere: str) -> None:
