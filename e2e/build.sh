@@ -11,6 +11,7 @@
 #   e2e/build.sh              build if needed, print the bin dir on the last line
 #   e2e/build.sh --print-dir  print the bin dir this checkout wants (no build)
 #   e2e/build.sh --check      exit 0 if that bin dir is complete, 1 if not
+# $GO picks the go binary (default: go on PATH, then /usr/local/go/bin/go).
 set -euo pipefail
 
 # Bump when the build recipe (flags, ldflags, outputs) changes: it is part of the key.
@@ -24,12 +25,14 @@ BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwo
 log() { printf '[cluster-build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[cluster-build] ERROR: %s\n' "$*" >&2; exit 1; }
 
-find_go() {
-  if command -v go >/dev/null 2>&1; then command -v go
+find_go() {  # $GO if set, else go on PATH, else Go's default install location
+  if [[ -n "${GO:-}" ]]; then [[ -x "$GO" ]] && echo "$GO"
+  elif command -v go >/dev/null 2>&1; then command -v go
   elif [[ -x /usr/local/go/bin/go ]]; then echo /usr/local/go/bin/go
   else return 1; fi
 }
-GO="$(find_go)" || die "Go toolchain not found (need go >= ${GO_MIN_VERSION} on PATH or at /usr/local/go/bin/go); install it from https://go.dev/dl/"
+wanted_go="${GO:-}"
+GO="$(find_go)" || die "Go toolchain not found (${wanted_go:+GO=$wanted_go is not executable; }need go >= ${GO_MIN_VERSION} on PATH or at /usr/local/go/bin/go); install it from https://go.dev/dl/"
 go_version="$("$GO" env GOVERSION)" || die "'$GO env GOVERSION' failed"
 
 version_ge() {  # version_ge 1.26.8 1.26
