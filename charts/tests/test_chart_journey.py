@@ -20,6 +20,7 @@ ADA = "NVIDIA-RTX-6000-Ada-Generation"
 # Feature discovery appends -SHARED to the product label of a node whose GPUs are shared.
 ADA_LABELS = (ADA, f"{ADA}-SHARED")
 CRD_NAME = "inferencefleets.inferencefleet.dev"
+CLAIMS_ANNOTATION = "inferencefleet.dev/claimed-by"  # the fleets ("ns/name,...") holding a node
 
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -116,7 +117,9 @@ def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
                 for replicas in (6, 1):
                     cluster.kubectl("scale", "-n", ns, "ifleet/detector", f"--replicas={replicas}")
                     j.wait_until(
-                        f"{replicas}", lambda r=replicas: is_ready(j.fleet(ns), r), timeout=180
+                        f"detector Ready with {replicas}",
+                        lambda r=replicas: is_ready(j.fleet(ns), r),
+                        timeout=180,
                     )
                     assert len(j.fleet_pods(ns)) == replicas
                 check_past_capacity(j, ns)
@@ -152,10 +155,22 @@ def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
                 cluster.kubectl(
                     "delete", "-n", ns, "-f", str(EXAMPLE), "--wait=true", "--timeout=120s"
                 )
+                assert not claimed_nodes(j, f"{ns}/detector"), "nodes not given back"
             check_uninstall(j, ns)
             check_left_alone(j, elsewhere)
         finally:
             j.clean_up(ns, RELEASE, ns, elsewhere)
+
+
+def claimed_nodes(j: Any, fleet_id: str) -> list[str]:
+    """Nodes whose claims annotation names the fleet (namespace/name)."""
+    nodes = json.loads(j.cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    return [
+        n["metadata"]["name"]
+        for n in nodes
+        if fleet_id
+        in (n["metadata"].get("annotations") or {}).get(CLAIMS_ANNOTATION, "").split(",")
+    ]
 
 
 def check_placement(j: Any, ns: str, replicas: int) -> None:
@@ -179,6 +194,8 @@ def check_placement(j: Any, ns: str, replicas: int) -> None:
         assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) == 4 * gpus
     status = j.fleet(ns)["status"]
     assert sum(p["pods"] for p in status["placement"]) == replicas
+    held = claimed_nodes(j, f"{ns}/detector")
+    assert {p["spec"]["nodeName"] for p in pods} <= set(held), held
 
 
 def check_printer_columns(j: Any, ns: str) -> None:
