@@ -110,6 +110,9 @@ def channel_options(local_pool: bool) -> list[tuple[str, int | str]]:
         ("grpc.lb_policy_name", "round_robin"),
         # every channel gets connections of its own (several channels = several connections)
         ("grpc.use_local_subchannel_pool", 1 if local_pool else 0),
+        # a restarted backend rejoins the rotation within seconds, not after gRPC's default
+        # reconnect backoff (up to two minutes)
+        ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]

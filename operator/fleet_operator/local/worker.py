@@ -25,6 +25,13 @@ _HealthCheck = grpc.aio.UnaryUnaryMultiCallable[
     health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
 ]
 _PR_SET_PDEATHSIG = 1
+# a worker binds its port seconds after it starts: retry connecting often, not with gRPC's
+# default backoff that grows to two minutes
+_HEALTH_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,7 @@ class Worker:
     async def _watch(self, process: asyncio.subprocess.Process) -> str:
         """Health-check until the process exits or must be restarted; returns why."""
         exited = asyncio.create_task(process.wait())
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with grpc.aio.insecure_channel(self.address, options=_HEALTH_OPTIONS) as channel:
             check: _HealthCheck = channel.unary_unary(
                 _HEALTH_CHECK,
                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
