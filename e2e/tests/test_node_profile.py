@@ -56,3 +56,10 @@ def test_every_node_has_its_own_address() -> None:
 def test_malformed_profiles_are_refused(groups: list[dict], message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(profile.ProfileError, match=message):
         profile.node_manifests({"groups": groups})
+
+
+def test_a_group_can_taint_its_nodes() -> None:
+    taint = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
+    nodes = profile.node_manifests({"groups": [{"namePrefix": "t", "count": 2, "taints": [taint]}]})
+    assert [n["spec"]["taints"] for n in nodes] == [[taint], [taint]]
+    assert profile.load()[0]["spec"] == {}
