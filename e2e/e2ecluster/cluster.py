@@ -1,7 +1,7 @@
-"""Start, check and stop the test cluster: etcd, kube-apiserver, controller-manager,
-scheduler, kwok and the device-plugin stand-in as local processes on 127.0.0.1.
+"""Start, check and stop the test cluster's processes, all on 127.0.0.1.
 
-All state lives in one directory (default /dev/shm/inferencefleet-cluster): state.json
+They are etcd, kube-apiserver, controller-manager, scheduler, kwok and the device-plugin
+stand-in. All state lives in one directory (default /dev/shm/inferencefleet-cluster): state.json
 records every process this module started (PID + kernel start time, so a recycled PID
 is never signalled), next to the kubeconfig, keys, logs and etcd's data.
 """
@@ -34,7 +34,6 @@ import yaml
 from . import profile
 
 E2E = Path(__file__).resolve().parent.parent
-REPO = E2E.parent
 BUILD_SH = E2E / "build.sh"
 
 DEFAULT_PORT_BASE = 16443
@@ -94,12 +93,9 @@ def default_state_dir() -> Path:
 def default_port_base() -> int:
     raw = os.environ.get("INFERENCEFLEET_CLUSTER_PORT_BASE", str(DEFAULT_PORT_BASE))
     try:
-        base = int(raw)
+        return int(raw)
     except ValueError:
         raise ClusterError(f"INFERENCEFLEET_CLUSTER_PORT_BASE={raw!r} is not a number") from None
-    if not 1024 <= base <= 65535 - max(PORTS.values()):
-        raise ClusterError(f"port base {base} out of range 1024..{65535 - max(PORTS.values())}")
-    return base
 
 
 @dataclass
@@ -450,24 +446,9 @@ def write_files(state: State) -> None:
     (d / "pki").mkdir()
     if not shutil.which("openssl"):
         raise ClusterError("openssl not found: it makes the service-account signing key")
-    subprocess.run(
-        ["openssl", "genrsa", "-out", str(d / "pki" / "sa.key"), "2048"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            "openssl",
-            "rsa",
-            "-in",
-            str(d / "pki" / "sa.key"),
-            "-pubout",
-            "-out",
-            str(d / "pki" / "sa.pub"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    key, pub = str(d / "pki" / "sa.key"), str(d / "pki" / "sa.pub")
+    for args in (["genrsa", "-out", key, "2048"], ["rsa", "-in", key, "-pubout", "-out", pub]):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
     (d / "pki" / "tokens.csv").write_text(f"{state.token},admin,admin,system:masters\n")
     kubeconfig = {
         "apiVersion": "v1",
@@ -646,6 +627,10 @@ def up(
     """Bring the cluster up, or reuse a healthy one. Returns (state, started_now)."""
     state_dir = state_dir or default_state_dir()
     port_base = default_port_base() if port_base is None else port_base
+    if not 1024 <= port_base <= 65535 - max(PORTS.values()):
+        raise ClusterError(
+            f"port base {port_base} out of range 1024..{65535 - max(PORTS.values())}"
+        )
     with locked(state_dir):
         build_dir = ensure_built()
         old = State.load(state_dir)
