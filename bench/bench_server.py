@@ -1,12 +1,14 @@
 """Raw in-process model throughput vs the same model served over gRPC, in one run.
 
-Prints raw frames/s per batch size (the model runner alone, same threads, same uint8 -> logits
-work), served frames/s at saturation (the worker's maxBatchSize set to the raw best batch size;
-this process, separate from the worker, keeps a fixed number of single-frame requests in
-flight: one ModelStreamInfer stream, then concurrent unary calls),
-`served/raw ratio: 0.NN` (best served / best raw), and the p50 latency a request pays at
-concurrency 1 over the raw batch-1 forward. Raw is measured before and after the served phase;
-the ratio uses the higher of the two, so background load can only make it look worse.
+`make bench-server MODEL=builtin:resnet18`. Three processes: a raw helper that runs the model
+runner in a loop (same code, threads and uint8 -> logits work as the worker), the worker
+(`inferencefleet serve`, maxBatchSize set to the raw best batch size), and this one, the load
+generator, which keeps a fixed number of single-frame requests in flight (one ModelStreamInfer
+stream, or concurrent unary calls). Raw and served windows alternate for several rounds, so
+load from elsewhere on the machine hits both alike; medians are reported, and
+`served/raw ratio: 0.NN` = median served frames/s at saturation / median raw frames/s at the best
+batch. The added latency is the p50 of unary single-frame calls at concurrency 1 minus the p50
+of the raw batch-1 forward.
 """
 
 from __future__ import annotations
@@ -21,20 +23,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "server"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `inferencefleet serve` sets it
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def measure_raw(args: argparse.Namespace) -> dict[str, object]:
-    """Frames/s of the model runner at each batch size, and its batch-1 latency p50."""
+def raw_helper(args: argparse.Namespace) -> int:
+    """Reads `batch seconds` lines, runs the model that long, answers one JSON line each."""
     import numpy as np
     import torch
     from fleet_server.models import load_model
@@ -50,100 +47,135 @@ def measure_raw(args: argparse.Namespace) -> dict[str, object]:
     )
     runner.warm_up(args.max_batch_size)
     rng = np.random.default_rng(0)
-    fps: dict[int, float] = {}
-    p50_b1 = 0.0
-    batches = sorted({1, 2, 4, args.max_batch_size} & set(range(1, args.max_batch_size + 1)))
-    for batch in batches:
+    print("ready", flush=True)
+    for line in sys.stdin:
+        batch, seconds = int(line.split()[0]), float(line.split()[1])
         frames = rng.integers(0, 256, (batch, args.image_size, args.image_size, 3), np.uint8)
         times: list[float] = []
-        end = time.perf_counter() + args.raw_seconds
+        end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(times) < 3:
             t = time.perf_counter()
             runner.infer([frames])
             times.append(time.perf_counter() - t)
-        fps[batch] = batch * len(times) / sum(times)
-        if batch == 1:
-            p50_b1 = statistics.median(times)
-    return {"fps": fps, "p50_b1": p50_b1}
+        answer = {"fps": batch * len(times) / sum(times), "p50": statistics.median(times)}
+        print(json.dumps(answer), flush=True)
+    return 0
 
 
-def run_raw_subprocess(args: argparse.Namespace) -> dict[str, object]:
-    """The raw measurement in its own process, so its threads are gone before serving starts."""
-    argv = [sys.executable, __file__, "--raw-only", *sys.argv[1:]]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    data = json.loads(out.strip().splitlines()[-1])
-    data["fps"] = {int(k): v for k, v in data["fps"].items()}
-    return data  # type: ignore[no-any-return]
+class Raw:
+    """The raw helper process, driven over its stdin/stdout."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--raw-helper", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("raw helper failed to start")
+
+    def run(self, batch: int, seconds: float) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(f"{batch} {seconds}\n")
+        self.proc.stdin.flush()
+        answer: dict[str, float] = json.loads(self.proc.stdout.readline())
+        return answer
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
-async def served(args: argparse.Namespace, port: int, model: str) -> dict[str, float]:
-    """Concurrency-1 unary p50, then saturation through one stream and through unary calls."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Load:
+    """The load generator: single-frame requests against the worker."""
+
+    def __init__(self, client: Any, request: Any) -> None:
+        self.client = client
+        self.request = request
+
+    async def latency_p50(self, seconds: float) -> float:
+        times: list[float] = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 20:
+            t = time.perf_counter()
+            await self.client.infer_raw(self.request)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    async def stream_fps(self, in_flight: int, seconds: float, warmup: float) -> float:
+        window = asyncio.Semaphore(in_flight)
+        stop = False
+
+        async def requests() -> Any:
+            while not stop:
+                await window.acquire()
+                yield self.request
+
+        call = self.client.stub.ModelStreamInfer(requests())
+        start = time.perf_counter() + warmup
+        done = 0
+        async for answer in call:
+            if answer.error_message:
+                raise RuntimeError(answer.error_message)
+            window.release()
+            now = time.perf_counter()
+            if now >= start:
+                done += 1
+                if now - start >= seconds:
+                    stop = True
+                    call.cancel()
+                    return done / (now - start)
+        raise RuntimeError("stream ended early")
+
+    async def unary_fps(self, in_flight: int, seconds: float, warmup: float) -> float:
+        start = time.perf_counter() + warmup
+        end = start + seconds
+        done = [0]
+
+        async def loop() -> None:
+            while time.perf_counter() < end:
+                sent = time.perf_counter()
+                await self.client.infer_raw(self.request)
+                if sent >= start and time.perf_counter() <= end:
+                    done[0] += 1
+
+        await asyncio.gather(*(loop() for _ in range(in_flight)))
+        return done[0] / seconds
+
+
+async def measure(args: argparse.Namespace, raw: Raw, port: int, batch: int) -> dict[str, Any]:
     import numpy as np
     from fleet_server.client import InferenceClient, infer_request
-    from fleet_server.proto import inference_pb2 as pb
+    from fleet_server.models import default_name
 
     frame = np.random.default_rng(1).integers(
         0, 256, (1, args.image_size, args.image_size, 3), np.uint8
     )
-    request = infer_request(model, frame)
+    request = infer_request(default_name(args.model), frame)
+    rounds: dict[str, list[float]] = {k: [] for k in ("raw", "stream", "unary", "p50", "raw_p50")}
     async with InferenceClient(f"127.0.0.1:{port}") as client:
         await client.wait_ready(within_s=600)
-        for _ in range(5):
-            await client.infer_raw(request)
-        times: list[float] = []
-        end = time.perf_counter() + args.latency_seconds
-        while time.perf_counter() < end or len(times) < 20:
-            t = time.perf_counter()
-            await client.infer_raw(request)
-            times.append(time.perf_counter() - t)
-        p50 = statistics.median(times)
-
-        async def stream_fps() -> float:
-            window = asyncio.Semaphore(args.in_flight)
-            done = 0
-            stop = False
-
-            async def requests():  # type: ignore[no-untyped-def]
-                while not stop:
-                    await window.acquire()
-                    yield request
-
-            call = client.stub.ModelStreamInfer(requests())
-            t0 = time.perf_counter()
-            warm_until = t0 + args.warmup_seconds
-            start = 0.0
-            async for answer in call:
-                if answer.error_message:
-                    raise RuntimeError(answer.error_message)
-                window.release()
-                now = time.perf_counter()
-                if start == 0.0 and now >= warm_until:
-                    start, done = now, 0
-                elif start:
-                    done += 1
-                    if now - start >= args.seconds:
-                        stop = True
-                        call.cancel()
-                        return done / (now - start)
-            raise RuntimeError("stream ended early")
-
-        async def unary_fps() -> float:
-            counts = [0]
-            t_start = time.perf_counter() + args.warmup_seconds
-            t_end = t_start + args.seconds
-
-            async def loop() -> None:
-                while (now := time.perf_counter()) < t_end:
-                    reply: pb.ModelInferResponse = await client.infer_raw(request)
-                    if reply.outputs and time.perf_counter() >= t_start and now >= t_start:
-                        counts[0] += 1
-
-            await asyncio.gather(*(loop() for _ in range(args.in_flight)))
-            return counts[0] / args.seconds
-
-        stream = await stream_fps()
-        unary = await unary_fps()
-    return {"p50": p50, "stream_fps": stream, "unary_fps": unary}
+        load = Load(client, request)
+        await load.latency_p50(1.0)
+        for _ in range(args.rounds):
+            rounds["raw_p50"].append(raw.run(1, args.latency_seconds)["p50"])
+            rounds["p50"].append(await load.latency_p50(args.latency_seconds))
+            rounds["raw"].append(raw.run(batch, args.seconds)["fps"])
+            rounds["stream"].append(await load.stream_fps(args.in_flight, args.seconds, 1.0))
+            rounds["unary"].append(await load.unary_fps(args.in_flight, args.seconds, 1.0))
+    return rounds
 
 
 def main() -> int:
@@ -153,68 +185,64 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--max-batch-size", type=int, default=8, help="largest raw batch measured")
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
-    p.add_argument(
-        "--in-flight", type=int, default=0, help="requests in flight (default 2 x served batch)"
-    )
-    p.add_argument("--seconds", type=float, default=20.0, help="each served saturation window")
-    p.add_argument("--warmup-seconds", type=float, default=3.0)
-    p.add_argument("--raw-seconds", type=float, default=6.0, help="per raw batch size")
-    p.add_argument("--latency-seconds", type=float, default=8.0)
-    p.add_argument("--raw-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--in-flight", type=int, default=0, help="default: 2 x the served batch")
+    p.add_argument("--rounds", type=int, default=3, help="alternating raw/served rounds")
+    p.add_argument("--seconds", type=float, default=8.0, help="each throughput window")
+    p.add_argument("--sweep-seconds", type=float, default=3.0, help="each raw batch size")
+    p.add_argument("--latency-seconds", type=float, default=3.0, help="each latency window")
+    p.add_argument("--raw-helper", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.raw_only:
-        data = measure_raw(args)
-        print(json.dumps(data))
-        return 0
+    if args.raw_helper:
+        return raw_helper(args)
 
-    from fleet_server.models import default_name
-
-    model = default_name(args.model)
     print(f"model {args.model}, {args.threads} torch threads, {args.image_size}x{args.image_size}")
     print(f"cpu cores {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start")
-    raw1 = run_raw_subprocess(args)
-    fps0: dict[int, float] = raw1["fps"]  # type: ignore[assignment]
-    serve_batch = max(fps0, key=lambda b: fps0[b])
-    in_flight = args.in_flight or max(4, 2 * serve_batch)
-    args.in_flight = in_flight
-    print(f"served with --max-batch-size {serve_batch} (the raw best), {in_flight} in flight")
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "fleet_server.serve", "--model", args.model,
-            "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-            "--threads", str(args.threads), "--image-size", str(args.image_size),
-            "--max-batch-size", str(serve_batch),
-            "--max-queue-delay-us", str(args.max_queue_delay_us),
-            "--max-queue-size", str(max(64, 4 * args.in_flight)),
-        ],
-        env={**os.environ, "PYTHONPATH": str(ROOT / "server")},
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    raw = Raw(sys.argv[1:])
+    server: subprocess.Popen[bytes] | None = None
     try:
-        result = asyncio.run(served(args, port, model))
+        sizes = [b for b in (1, 2, 4, 8, 16, 32) if b <= args.max_batch_size]
+        sweep = {b: raw.run(b, args.sweep_seconds)["fps"] for b in sizes}
+        for b, fps in sweep.items():
+            print(f"raw batch {b:>3}: {fps:8.1f} frames/s")
+        batch = max(sweep, key=lambda b: sweep[b])
+        args.in_flight = args.in_flight or max(4, 2 * batch)
+        print(f"worker: --max-batch-size {batch} (raw best), {args.in_flight} requests in flight")
+        port = free_port()
+        server = subprocess.Popen(
+            [
+                sys.executable, "-m", "fleet_server.serve", "--model", args.model,
+                "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+                "--threads", str(args.threads), "--image-size", str(args.image_size),
+                "--max-batch-size", str(batch),
+                "--max-queue-delay-us", str(args.max_queue_delay_us),
+                "--max-queue-size", str(max(64, 4 * args.in_flight)),
+            ],
+            env={**os.environ, "PYTHONPATH": str(ROOT / "server")},
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        rounds = asyncio.run(measure(args, raw, port, batch))
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-    raw2 = run_raw_subprocess(args)
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=120)
+        raw.close()
 
-    fps1: dict[int, float] = raw1["fps"]  # type: ignore[assignment]
-    fps2: dict[int, float] = raw2["fps"]  # type: ignore[assignment]
-    for batch in sorted(fps1):
-        print(f"raw batch {batch:>3}: {fps1[batch]:8.1f} frames/s before, {fps2[batch]:8.1f} after")
-    best_batch = max(fps1, key=lambda b: max(fps1[b], fps2[b]))
-    raw_best = max(fps1[best_batch], fps2[best_batch])
-    raw_p50 = min(float(raw1["p50_b1"]), float(raw2["p50_b1"]))  # type: ignore[arg-type]
-    print(f"raw best: {raw_best:.1f} frames/s at batch {best_batch}")
-    print(f"served, 1 stream, {args.in_flight} in flight: {result['stream_fps']:.1f} frames/s")
-    print(f"served, {args.in_flight} concurrent unary calls: {result['unary_fps']:.1f} frames/s")
-    served_best = max(result["stream_fps"], result["unary_fps"])
-    print(f"unary/raw ratio: {result['unary_fps'] / raw_best:.2f}")
-    print(f"served/raw ratio: {served_best / raw_best:.2f}")
-    added = (result["p50"] - raw_p50) * 1e3
+    def show(values: list[float], scale: float = 1.0) -> str:
+        return " ".join(f"{v * scale:.1f}" for v in values)
+
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    print(f"raw batch {batch} per round: {show(rounds['raw'])} frames/s")
+    print(f"served, 1 stream per round: {show(rounds['stream'])} frames/s")
+    print(f"served, unary calls per round: {show(rounds['unary'])} frames/s")
+    print(f"raw best (median): {med['raw']:.1f} frames/s at batch {batch}")
+    print(f"served at saturation (median): stream {med['stream']:.1f}, unary {med['unary']:.1f}")
+    print(f"unary/raw ratio: {med['unary'] / med['raw']:.2f}")
+    print(f"served/raw ratio: {max(med['stream'], med['unary']) / med['raw']:.2f}")
+    added = (med["p50"] - med["raw_p50"]) * 1e3
     print(
-        f"p50 at concurrency 1: served {result['p50'] * 1e3:.2f} ms, raw batch-1 "
-        f"{raw_p50 * 1e3:.2f} ms, added {added:.2f} ms"
+        f"p50 at concurrency 1: served {med['p50'] * 1e3:.2f} ms, raw batch-1 "
+        f"{med['raw_p50'] * 1e3:.2f} ms, added {added:.2f} ms "
+        f"(rounds: {show(rounds['p50'], 1e3)} vs {show(rounds['raw_p50'], 1e3)} ms)"
     )
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     return 0
