@@ -1,9 +1,10 @@
 """`inferencefleet bench` against NVIDIA's perf_analyzer on the same worker and concurrency.
 
-Starts one `inferencefleet serve` worker, then alternates perf_analyzer (gRPC, synchronous
-calls, 3 windows of --window seconds) and `inferencefleet bench` (unary, one step of 3 windows'
-length) for --rounds rounds, so that background load hits both alike. Prints each round and the
-medians: frames/s and p99, and bench/perf_analyzer ratios. perf_analyzer comes from
+Starts one `inferencefleet serve` worker, then alternates perf_analyzer (gRPC, 3 windows of
+--window seconds; --streaming in stream mode) and `inferencefleet bench` (one step of 3
+windows' length, same mode) for --rounds rounds, so that background load hits both alike.
+Prints each round, the medians (frames/s, p99) and the median of the per-round
+bench/perf_analyzer ratios. perf_analyzer comes from
 tritonclient's wheel; it needs libcudart.so.12 (nvidia-cuda-runtime-cu12) and libb64 (Debian's
 libb64-0d).
 """
@@ -47,6 +48,8 @@ def perf_analyzer(args: argparse.Namespace, port: int, model: str) -> tuple[floa
         "--concurrency-range", str(args.concurrency), "-p", str(int(args.window * 1000)),
         "-s", "1000", "--percentile=99",
     ]  # fmt: skip
+    if args.mode == "stream":
+        argv.append("--streaming")
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=True)
     match = _SUMMARY.search(done.stdout)
     if match is None:
@@ -59,6 +62,7 @@ def bench(args: argparse.Namespace, port: int, model: str) -> tuple[float, float
     argv = cli(
         "bench", f"127.0.0.1:{port}", "--model", model, "--concurrency", str(args.concurrency),
         "--duration", str(3 * args.window), "--warmup", "2", "--quiet", "--json",
+        "--mode", args.mode,
     )  # fmt: skip
     step = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
     best = step["steps"][0]
@@ -84,6 +88,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--window", type=float, default=5.0, help="perf_analyzer window (s)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mode", choices=["unary", "stream"], default="unary")
     args = parser.parse_args()
 
     port = free_port()
@@ -101,7 +106,8 @@ def main() -> int:
     try:
         wait_ready(port, name)
         print(f"worker: {args.model} {args.image_size}px, {args.threads} thread(s), port {port}")
-        print(f"concurrency {args.concurrency}, unary, batch 1, {3 * args.window:g} s measured")
+        measured = 3 * args.window
+        print(f"concurrency {args.concurrency}, {args.mode}, batch 1, {measured:g} s measured")
         for round_ in range(1, args.rounds + 1):
             pa_runs.append(perf_analyzer(args, port, name))
             bench_runs.append(bench(args, port, name))
@@ -119,7 +125,10 @@ def main() -> int:
     b_p99 = statistics.median(r[1] for r in bench_runs)
     print(f"median: perf_analyzer {pa_fps:.1f} frames/s p99 {pa_p99:.1f} ms")
     print(f"median: bench         {b_fps:.1f} frames/s p99 {b_p99:.1f} ms")
-    print(f"bench/perf_analyzer: frames/s {b_fps / pa_fps:.3f}, p99 {b_p99 / pa_p99:.3f}")
+    print(f"ratio of the medians: frames/s {b_fps / pa_fps:.3f}, p99 {b_p99 / pa_p99:.3f}")
+    fps_ratio = statistics.median(b[0] / p[0] for b, p in zip(bench_runs, pa_runs, strict=True))
+    p99_ratio = statistics.median(b[1] / p[1] for b, p in zip(bench_runs, pa_runs, strict=True))
+    print(f"median of per-round ratios: frames/s {fps_ratio:.3f}, p99 {p99_ratio:.3f}")
     return 0
 
 
