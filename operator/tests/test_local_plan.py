@@ -19,6 +19,7 @@ from fleet_operator.local.plan import (
     plan_workers,
     same_process,
 )
+from fleet_operator.local.run import RefusedError, preflight
 from fleet_operator.local.run import main as run_main
 from fleet_operator.local.scrape import Rates, Sample, histogram_quantile, parse_metrics
 
@@ -90,6 +91,15 @@ def test_capacity_refuses_with_numbers() -> None:
     small = LocalHost(cores=4, gpus=(LocalGpu(0, "small", 4096),))
     assert local_capacity(spec, small).hosts_too_small == ("local",)
     assert "4096 MiB < 8192 MiB" in local_capacity(spec, small).message()
+
+
+def test_preflight_refuses_a_fleet_the_gpus_cannot_hold() -> None:
+    spec = replace(read_fleet(EXAMPLE), replicas=9)
+    with pytest.raises(RefusedError, match=r"needs 9 GPU slots .* 8 slots available"):
+        preflight(spec, TWO_ADA, Options())
+    small = LocalHost(cores=4, gpus=(LocalGpu(0, "small", 4096),))
+    with pytest.raises(RefusedError, match=r"4096 MiB < 8192 MiB"):
+        preflight(read_fleet(EXAMPLE), small, Options())
 
 
 def test_scaling_keeps_workers_whose_only_change_is_threads() -> None:
