@@ -226,4 +226,6 @@ class Worker:
             await self._kill(self._process, grace_s)
         if self._task is not None:
             await self._task
+        if self._process is not None:  # one the task started before it saw the stop
+            await self._kill(self._process, grace_s)
         self.state = "stopped"
