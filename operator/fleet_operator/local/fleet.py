@@ -37,6 +37,7 @@ class Fleet:
         self.say = say
         self.batching_file = run_dir / "batching.json"
         self.workers: dict[int, Worker] = {}
+        self._retiring: set[Worker] = set()
         # a worker drains for its grace period; it is killed if it takes much longer than that
         self.kill_after_s = options.grace_period_s + 5.0
 
@@ -89,9 +90,11 @@ class Fleet:
         ]  # fmt: skip
         for worker in removed:
             del self.workers[worker.plan.index]
+            self._retiring.add(worker)
         if removed:
             self.say(f"stopping {', '.join(w.plan.name for w in removed)}")
             await asyncio.gather(*(w.stop(self.kill_after_s) for w in removed))
+            self._retiring.difference_update(removed)
         added = [plan for index, plan in sorted(desired.items()) if index not in self.workers]
         for plan in added:
             self._start_worker(plan)
@@ -103,8 +106,10 @@ class Fleet:
         await asyncio.gather(*(w.scrape() for w in self.workers.values()))
 
     async def stop(self) -> None:
-        """Drain every worker (SIGTERM, then SIGKILL after the grace period) and wait for all."""
-        await asyncio.gather(*(w.stop(self.kill_after_s) for w in self.workers.values()))
+        """Drain every worker (SIGTERM, then SIGKILL after the grace period) and wait for all,
+        including those a scale-down was stopping when it was interrupted."""
+        every = [*self.workers.values(), *self._retiring]
+        await asyncio.gather(*(w.stop(self.kill_after_s) for w in every))
 
 
 def _batching_text(batching: BatchingSpec) -> str:

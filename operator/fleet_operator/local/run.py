@@ -218,6 +218,7 @@ async def _run(args: argparse.Namespace, spec: FleetSpec, host: LocalHost, optio
             code = await runner.supervise(stop)
     finally:
         watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         runner.say(f"stopping {len(fleet.workers)} workers (draining)")
         await fleet.stop()
     runner.say("stopped: no worker left running")
