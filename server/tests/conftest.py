@@ -152,9 +152,9 @@ def start_worker() -> Iterator[StartWorker]:
     launcher.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_worker() -> Iterator[WorkerProcess]:
-    """One tiny worker (32x32 frames, batch 4, queue 16, 1 MiB messages) shared by a module."""
+    """One tiny worker (32x32 frames, batch 4, queue 16, 1 MiB messages) shared by the tests."""
     launcher = Launcher()
     yield launcher.start(
         "--model", "builtin:tiny", "--max-batch-size", "4", "--max-queue-size", "16",
