@@ -44,6 +44,8 @@ class OperatorConfig:
 
 # Handlers run in threads: one fleet is reconciled by one of them at a time.
 _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+_pending: set[str] = set()  # fleets with a status refresh waiting for their lock
+_pending_lock = threading.Lock()
 
 
 def _now() -> str:
@@ -129,8 +131,18 @@ def reconcile(fleet: Mapping[str, Any], cfg: OperatorConfig) -> None:
 
 
 def refresh_status(namespace: str, name: str) -> None:
-    """Recompute the fleet's status from what the cluster shows now."""
-    with _locks[fleet_id(namespace, name)]:
+    """Recompute the fleet's status from what the cluster shows now.
+
+    Deployment events come in bursts: one refresh waiting for the fleet's lock covers them
+    all (it reads the cluster when it runs), so the others return at once."""
+    key = fleet_id(namespace, name)
+    with _pending_lock:
+        if key in _pending:
+            return
+        _pending.add(key)
+    with _locks[key]:
+        with _pending_lock:
+            _pending.discard(key)
         _refresh(namespace, name)
 
 

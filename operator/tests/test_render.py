@@ -39,7 +39,7 @@ def _worker(deployment: dict[str, Any]) -> dict[str, Any]:
 
 def test_every_child_is_owned_by_the_fleet_and_labelled() -> None:
     children = _children(_spec())
-    assert list(children) == ["ConfigMap", "Service", "PodDisruptionBudget", "Deployment"]
+    assert list(children) == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
     for child in children.values():
         assert child["metadata"]["namespace"] == "vision"
         assert child["metadata"]["ownerReferences"] == [

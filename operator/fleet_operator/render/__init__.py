@@ -17,12 +17,13 @@ __all__ = ["Owner", "render_children"]
 def render_children(
     spec: FleetSpec, owner: Owner, *, replicas: int, profile: str, default_image: str
 ) -> list[dict[str, Any]]:
-    """Every child, in the order to apply them (the ConfigMap before the pods that mount it)."""
+    """Every child, in the order to apply them: the ConfigMap before the pods that mount it,
+    the Deployment next (a scale waits for nothing else)."""
     return [
         render_batching_configmap(spec, owner),
-        render_service(owner),
-        render_pdb(owner),
         render_deployment(
             spec, owner, replicas=replicas, profile=profile, image=spec.image or default_image
         ),
+        render_service(owner),
+        render_pdb(owner),
     ]
