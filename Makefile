@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= builtin:resnet18
 
-.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-local bench-operator clean chart-sync-crd
+.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-local bench-client bench-operator clean chart-sync-crd
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ bench-server: setup ## raw model vs served frames/s and added latency (MODEL=bui
 
 bench-local: setup ## 1 worker at batch 1 vs the example fleet's best configuration
 	@$(PY) bench/bench_local.py
+
+bench-client: setup ## inferencefleet bench vs perf_analyzer, same worker and concurrency (needs libb64-0d)
+	@$(PY) bench/bench_vs_perf_analyzer.py
 
 bench-operator: setup cluster-build ## apply→Ready for 100 replicas, scale latency p50/p99, on the test cluster
 	@$(PY) bench/bench_operator.py
