@@ -114,7 +114,7 @@ class Batcher:
 
     async def infer(self, frames: Frames, deadline: float | None = None) -> Logits:
         """Logits for frames [n, H, W, 3]; `deadline` is a time.perf_counter() value."""
-        if self._closing or self._task is None:
+        if self._closing or self._task is None or self._task.done():
             raise NotReady("the worker is not accepting requests (warming up or shutting down)")
         n = int(frames.shape[0])
         limit = self.settings.max_queue_size

@@ -115,7 +115,11 @@ class Worker:
             ),
             server,
         )
-        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ValueError(f"cannot listen on {address}: {exc}") from exc
         await self._set_health(False)
         await server.start()
         log.info("listening on %s:%d (NOT_SERVING until the model is warm)", config.host, self.port)

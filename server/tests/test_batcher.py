@@ -124,6 +124,23 @@ def test_expired_deadline_is_dropped_before_compute(
     assert asyncio.run(go()) == 0
 
 
+def test_a_caller_that_went_away_is_skipped_before_compute(
+    tiny_reference: ModelRunner, frames: Frames
+) -> None:
+    async def go() -> tuple[int, int]:
+        batcher = await started(tiny_reference, max_batch_size=4)
+        try:
+            gone = asyncio.create_task(batcher.infer(frames(3, seed=0)))
+            await asyncio.sleep(0)  # it is queued now
+            gone.cancel()
+            await batcher.infer(frames(1, seed=1))
+            return batcher.stats.inference_count, batcher.queued_frames
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(go()) == (1, 0)
+
+
 def test_a_failing_forward_fails_every_request_in_its_batch(
     tiny_reference: ModelRunner, frames: Frames
 ) -> None:
