@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from e2ecluster.handle import Cluster, pinned_versions, wait_until
 pytestmark = pytest.mark.e2e
 
 ADA = "NVIDIA-RTX-6000-Ada-Generation"
+BLACKWELL = "NVIDIA-RTX-PRO-6000-Blackwell-Workstation-Edition"
 # More nvidia.com/gpu than any node offers, shared or not (the profile has 7 physical GPUs).
 TOO_MANY_GPUS = 99
 
@@ -159,7 +160,7 @@ def wait_for_sharing(
     assert labels["nvidia.com/gpu.replicas"] == str(replicas)
     assert labels["nvidia.com/gpu.sharing-strategy"] == strategy
     assert labels["nvidia.com/gpu.product"] == product
-    assert labels["nvidia.com/gpu.count"] == "2"  # the physical GPUs, always
+    assert labels["nvidia.com/gpu.count"] == "2"  # the physical GPUs, always (2 on Ada)
 
 
 def heartbeat(cluster: Cluster, node: str) -> str:
@@ -167,32 +168,40 @@ def heartbeat(cluster: Cluster, node: str) -> str:
     return next(c["lastHeartbeatTime"] for c in n["status"]["conditions"] if c["type"] == "Ready")
 
 
+def sharing_config(strategy: str, replicas: int, **options: Any) -> dict[str, Any]:
+    resources = [{"name": "nvidia.com/gpu", "replicas": replicas}]
+    return {"version": "v1", "sharing": {strategy: {**options, "resources": resources}}}
+
+
 @pytest.fixture
-def sharing_profile(cluster: Cluster) -> Iterator[str]:
-    """Adds a 4-replica time-slicing key to the device plugin's ConfigMap; removes it after."""
-    key = f"ts4-{secrets.token_hex(3)}"
-    config = {
-        "version": "v1",
-        "sharing": {"timeSlicing": {"resources": [{"name": "nvidia.com/gpu", "replicas": 4}]}},
-    }
+def add_profile(cluster: Cluster) -> Iterator[Callable[[dict[str, Any]], str]]:
+    """add_profile(config) -> a new key of the device plugin's ConfigMap; removed after."""
     where = ("-n", CONFIG_NAMESPACE, f"configmap/{CONFIG_NAME}")
     created = cluster.kubectl(
         "create", "configmap", CONFIG_NAME, "-n", CONFIG_NAMESPACE, check=False
     )
     assert created.returncode == 0 or "already exists" in created.stderr, created.stderr
-    patch = {"data": {key: yaml.safe_dump(config)}}
+    keys: list[str] = []
+
+    def add(config: dict[str, Any]) -> str:
+        keys.append(f"profile-{secrets.token_hex(3)}")
+        patch = {"data": {keys[-1]: yaml.safe_dump(config)}}
+        cluster.kubectl("patch", *where, "--type=merge", "-p", json.dumps(patch))
+        return keys[-1]
+
+    yield add
+    patch = {"data": dict.fromkeys(keys)}
     cluster.kubectl("patch", *where, "--type=merge", "-p", json.dumps(patch))
-    yield key
-    cluster.kubectl("patch", *where, "--type=merge", "-p", json.dumps({"data": {key: None}}))
 
 
 def test_time_slicing_label_multiplies_gpus_and_removing_it_undoes_it(
-    cluster: Cluster, namespace: str, sharing_profile: str
+    cluster: Cluster, namespace: str, add_profile: Callable[[dict[str, Any]], str]
 ) -> None:
     node = "rtx6000ada-2"
     assert node_gpus(cluster, node)[:2] == ("2", "2")
+    key = add_profile(sharing_config("timeSlicing", 4))
     try:
-        cluster.kubectl("label", "node", node, f"{LABEL_CONFIG}={sharing_profile}")
+        cluster.kubectl("label", "node", node, f"{LABEL_CONFIG}={key}")
         wait_for_sharing(cluster, node, 8, 4, "time-slicing", f"{ADA}-SHARED")
 
         # 8 one-GPU pods fit on that node only thanks to the sharing profile.
@@ -215,6 +224,34 @@ def test_time_slicing_label_multiplies_gpus_and_removing_it_undoes_it(
     finally:
         cluster.kubectl("label", "node", node, f"{LABEL_CONFIG}-")
     wait_for_sharing(cluster, node, 2, 1, "none", ADA)
+
+
+def test_mps_and_a_renamed_resource(
+    cluster: Cluster, add_profile: Callable[[dict[str, Any]], str]
+) -> None:
+    ada, blackwell = "rtx6000ada-0", "rtxpro6000bw-0"
+    mps = add_profile(sharing_config("mps", 3))
+    renamed = add_profile(sharing_config("timeSlicing", 2, renameByDefault=True))
+    try:
+        cluster.kubectl("label", "node", ada, f"{LABEL_CONFIG}={mps}")
+        cluster.kubectl("label", "node", blackwell, f"{LABEL_CONFIG}={renamed}")
+        wait_for_sharing(cluster, ada, 6, 3, "mps", f"{ADA}-SHARED")
+
+        def shared_gpus() -> dict[str, str]:
+            allocatable: dict[str, str] = get_json(cluster, "node", blackwell)["status"][
+                "allocatable"
+            ]
+            return {k: v for k, v in allocatable.items() if k.startswith("nvidia.com/gpu")}
+
+        want = {"nvidia.com/gpu": "0", "nvidia.com/gpu.shared": "2"}
+        wait_until("nvidia.com/gpu.shared on the Blackwell node", lambda: shared_gpus() == want)
+        labels = node_gpus(cluster, blackwell)[2]
+        assert labels["nvidia.com/gpu.product"] == BLACKWELL  # renamed: no -SHARED
+        assert labels["nvidia.com/gpu.sharing-strategy"] == "time-slicing"
+    finally:
+        cluster.kubectl("label", "node", ada, blackwell, f"{LABEL_CONFIG}-")
+    wait_for_sharing(cluster, ada, 2, 1, "none", ADA)
+    wait_until("the renamed resource to go", lambda: shared_gpus() == {"nvidia.com/gpu": "1"})
 
 
 def test_unknown_profile_key_changes_nothing(cluster: Cluster) -> None:
