@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import socket
 import subprocess
 import urllib.request
@@ -261,7 +260,11 @@ def _strip_finalizers(cluster: Any, namespace: str) -> None:
 
 @contextlib.contextmanager
 def run_operator(
-    cluster: Any, namespace: str, log: Path, kubeconfig: Path | None = None
+    cluster: Any,
+    namespace: str,
+    log: Path,
+    kubeconfig: Path | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[OperatorProcess]:
     """`inferencefleet operator` for one namespace, as a process (admin kubeconfig by default).
 
@@ -274,6 +277,7 @@ def run_operator(
         "--liveness-host", "127.0.0.1",
         "--liveness-port", str(port),
         "--log-level", "info",
+        *extra,
     ]  # fmt: skip
     env = dict(cluster.env)
     if kubeconfig is not None:
@@ -319,8 +323,14 @@ def operator(cluster: Any, namespace: str, crds: None, tmp_path: Path) -> Iterat
 def start_operator(
     cluster: Any, namespace: str, crds: None, tmp_path: Path
 ) -> Callable[..., contextlib.AbstractContextManager[OperatorProcess]]:
-    """For tests that start the operator themselves: start_operator(kubeconfig=...)."""
-    return functools.partial(run_operator, cluster, namespace, tmp_path / "operator.log")
+    """For tests that start operators themselves: start_operator(log, kubeconfig=, extra=)."""
+
+    def start(
+        log: str = "operator.log", kubeconfig: Path | None = None, extra: tuple[str, ...] = ()
+    ) -> contextlib.AbstractContextManager[OperatorProcess]:
+        return run_operator(cluster, namespace, tmp_path / log, kubeconfig, extra)
+
+    return start
 
 
 @pytest.fixture

@@ -216,3 +216,29 @@ def test_claims_of_deleted_fleets_do_not_block(cluster: Any, fleets: Any) -> Non
     labels = _node(cluster, node)["metadata"]
     assert labels["labels"][CONFIG_LABEL] == "timeslicing-2"
     assert labels["annotations"][CLAIMS] == f"{fleets.namespace}/heir"
+
+
+def test_two_operator_replicas_do_not_both_act(
+    cluster: Any, namespace: str, start_operator: Any
+) -> None:
+    with (
+        start_operator("high.log", extra=("--priority", "200")) as high,
+        start_operator("low.log", extra=("--priority", "100")) as low,
+    ):
+        resumed = "Resuming operations after the pause"  # logged by an operator that acts
+        wait_until("the higher-priority operator to act", lambda: resumed in high.output(), 60)
+        fleet = {
+            "apiVersion": "inferencefleet.dev/v1alpha1",
+            "kind": "InferenceFleet",
+            "metadata": {"name": "peered", "namespace": namespace},
+            "spec": {"replicas": 1, "model": {"source": "builtin:tiny"}},
+        }
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(fleet))
+
+        def handled_by_high() -> bool:
+            return "Creation is processed" in high.output()
+
+        wait_until("the higher-priority operator to handle the fleet", handled_by_high, timeout=60)
+        cluster.kubectl("delete", "ifleet", "peered", "-n", namespace, "--timeout=60s")
+        for line in (resumed, "Creation is processed", "Deletion is processed"):
+            assert line not in low.output()
