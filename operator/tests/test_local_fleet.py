@@ -165,7 +165,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
         "--model", "builtin:tiny", "--image-size", "64", "--threads", "1",
         "--port", str(port), "--metrics-port", str(metrics),
         "--log-dir", str(log_dir), "--ready-file", str(root / "ready"),
-        "--no-table", "--grace-period-s", "2", "--backoff-s", "0.5",
+        "--no-table", "--grace-period-s", "2", "--backoff-s", "0.5", "--unresponsive-s", "3",
     ]  # fmt: skip
     with output.open("w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -213,6 +213,20 @@ def test_killed_worker_is_restarted_and_bench_reports_errors(fleet: LocalFleet) 
         lambda: fleet.workers()["w1"][1:] == ("ready", restarts + 1),
     )
     assert fleet.workers()["w1"][0] != pid
+    assert not alive(pid)
+
+
+def test_worker_that_stops_answering_is_restarted(fleet: LocalFleet) -> None:
+    pid, state, restarts = fleet.workers()["w2"]
+    assert state == "ready"
+    os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
+    try:
+        wait_for("w2 unresponsive", lambda: fleet.workers()["w2"][1] == "unresponsive")
+        wait_for("w2 restarted", lambda: fleet.workers()["w2"][1:] == ("ready", restarts + 1))
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert fleet.workers()["w2"][0] != pid
     assert not alive(pid)
 
 
