@@ -35,6 +35,13 @@ class RefusedError(RuntimeError):
     """The fleet cannot run on this machine as asked (the message has the numbers)."""
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inferencefleet run",
@@ -43,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("fleet", type=Path, help="the InferenceFleet manifest (fleet.yaml)")
     parser.add_argument("--model", help="use this model source instead of spec.model.source")
-    parser.add_argument("--image-size", type=int, help="input height = width of a builtin model")
+    parser.add_argument("--image-size", type=_count, help="input height = width of a builtin model")
     parser.add_argument(
-        "--threads", type=int, help="torch threads per worker (default: cores/workers)"
+        "--threads", type=_count, help="torch threads per worker (default: cores/workers)"
     )
     parser.add_argument(
         "--device", choices=["auto", "cpu"], default="auto", help="cpu: ignore GPUs"
