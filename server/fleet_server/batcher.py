@@ -114,6 +114,13 @@ class Batcher:
 
     async def infer(self, frames: Frames, deadline: float | None = None) -> Logits:
         """Logits for frames [n, H, W, 3]; `deadline` is a time.perf_counter() value."""
+        return await self.submit(frames, deadline)
+
+    def submit(self, frames: Frames, deadline: float | None = None) -> asyncio.Future[Logits]:
+        """Queue frames [n, H, W, 3]; the future gets their logits. Raises when it cannot queue.
+
+        Cancelling the future before its batch forms drops the frames.
+        """
         if self._closing or self._task is None or self._task.done():
             raise NotReady("the worker is not accepting requests (warming up or shutting down)")
         n = int(frames.shape[0])
@@ -128,7 +135,7 @@ class Batcher:
         self._queue.frames += n
         self._m_depth.set(self._queue.frames)
         self._wake.set()
-        return await future
+        return future
 
     async def close(self) -> None:
         """Refuse new requests, finish the queued ones, stop the forward thread."""

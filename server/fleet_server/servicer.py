@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +17,7 @@ from fleet_server.batcher import Batcher
 from fleet_server.errors import NotReady, to_status
 from fleet_server.proto import inference_pb2 as pb
 from fleet_server.proto import inference_pb2_grpc as pb_grpc
+from fleet_server.runner import Logits
 from fleet_server.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -54,43 +57,67 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise NotReady("the worker is not ready (warming up or shutting down)")
         return self.batcher, self.info
 
-    async def _infer(
+    def _begin(
         self, request: pb.ModelInferRequest, deadline: float | None
-    ) -> pb.ModelInferResponse:
-        """The one inference path of unary and streaming calls; raises on any failure."""
-        started = time.perf_counter()
+    ) -> asyncio.Future[Logits]:
+        """Admit a request: count it in flight, check it, queue its frames. Returns the future
+        of its logits, already failed if the request was refused; `_finish` must follow."""
         self._m_inflight.inc()
         self.inflight += 1
         self._idle.clear()
         try:
             batcher, info = self._serving()
-            frames = protocol.frames_from_request(info, request)
-            logits = await batcher.infer(frames, deadline)
-            response = protocol.infer_response(info, request.id, logits)
+            return batcher.submit(protocol.frames_from_request(info, request), deadline)
         except Exception as exc:
-            code, _ = to_status(exc)
-            metrics.REQUESTS.labels(model=self.model_name, code=code.name).inc()
-            self.stats.record_request(False, time.perf_counter() - started)
-            raise
-        finally:
-            self._m_inflight.dec()
-            self.inflight -= 1
-            if not self.inflight:
-                self._idle.set()
+            refused: asyncio.Future[Logits] = asyncio.get_running_loop().create_future()
+            refused.set_exception(exc)
+            return refused
+
+    def _finish(
+        self, request: pb.ModelInferRequest, started: float, future: asyncio.Future[Logits]
+    ) -> pb.ModelInferResponse:
+        """Book a finished request (in flight, metrics, statistics) and return its response;
+        raises its error (CancelledError if the caller went away)."""
+        self._m_inflight.dec()
+        self.inflight -= 1
+        if not self.inflight:
+            self._idle.set()
         elapsed = time.perf_counter() - started
+        if future.cancelled():
+            metrics.REQUESTS.labels(model=self.model_name, code="CANCELLED").inc()
+            self.stats.record_request(False, elapsed)
+            raise asyncio.CancelledError
+        error = future.exception()
+        if error is not None:
+            code, _ = to_status(error)
+            metrics.REQUESTS.labels(model=self.model_name, code=code.name).inc()
+            self.stats.record_request(False, elapsed)
+            raise error
+        logits = future.result()
         self._m_ok.inc()
-        self._m_frames.inc(frames.shape[0])
+        self._m_frames.inc(logits.shape[0])
         self._m_duration.observe(elapsed)
         self.stats.record_request(True, elapsed)
-        return response
+        assert self.info is not None
+        return protocol.infer_response(self.info, request.id, logits)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
+        started = time.perf_counter()
         remaining = context.time_remaining()
-        deadline = None if remaining is None else time.perf_counter() + remaining
+        deadline = None if remaining is None else started + remaining
+        future = self._begin(request, deadline)
         try:
-            return await self._infer(request, deadline)
+            await future
+        except asyncio.CancelledError:  # the call ended (deadline, client gone): future cancelled
+            with contextlib.suppress(asyncio.CancelledError):
+                self._finish(request, started, future)
+            raise
+        except Exception:
+            pass  # _finish raises it again, after the bookkeeping
+        try:
+            return self._finish(request, started, future)
         except Exception as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
@@ -98,36 +125,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests on one stream run concurrently; each response carries its request's id."""
+        """Requests on one stream run concurrently; each response carries its request's id,
+        in the order they finish. No task per request: a callback answers each."""
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.perf_counter() + remaining
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        pending: set[asyncio.Future[Logits]] = set()
+        reading = True
 
-        async def one(request: pb.ModelInferRequest) -> None:
+        def answer(
+            request: pb.ModelInferRequest, started: float, future: asyncio.Future[Logits]
+        ) -> None:
+            pending.discard(future)
             try:
-                response = await self._infer(request, deadline)
+                response = self._finish(request, started, future)
+                results.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except asyncio.CancelledError:
+                pass  # the stream is gone
             except Exception as exc:
                 code, message = _status(exc)
+                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                error = f"{code.name}: {message}"
                 results.put_nowait(
-                    pb.ModelStreamInferResponse(
-                        error_message=f"{code.name}: {message}",
-                        infer_response=pb.ModelInferResponse(
-                            model_name=request.model_name, id=request.id
-                        ),
-                    )
+                    pb.ModelStreamInferResponse(error_message=error, infer_response=failed)
                 )
-                return
-            results.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            if not reading and not pending:
+                results.put_nowait(None)
 
         async def read() -> None:
-            running: set[asyncio.Task[None]] = set()
-            async for request in request_iterator:
-                task = asyncio.create_task(one(request))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            if running:
-                await asyncio.wait(running)
-            results.put_nowait(None)
+            nonlocal reading
+            try:
+                async for request in request_iterator:
+                    started = time.perf_counter()
+                    future = self._begin(request, deadline)
+                    pending.add(future)
+                    future.add_done_callback(functools.partial(answer, request, started))
+            finally:
+                reading = False
+                if not pending:
+                    results.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
@@ -136,6 +172,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await reader  # surfaces a failure of the request stream itself
         finally:
             reader.cancel()
+            for future in list(pending):
+                future.cancel()
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
