@@ -45,7 +45,8 @@ class ModelStats:
             self.inference_count += frames
             self.execution_count += 1
             self.last_inference_ms = int(time.time() * 1000)
-            self.compute_infer.add(compute_s, requests)
+            # Triton counts a batch's compute time once for every request in it
+            self.compute_infer.add(compute_s * requests, requests)
             self.batches.setdefault(frames, BatchDurations()).compute_infer.add(compute_s)
 
     def record_queue(self, seconds: float) -> None:
