@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -131,6 +132,10 @@ class Worker:
         watcher = None
         if config.batching_file is not None:
             watcher = asyncio.create_task(self._watch_batching(batcher))
+        # The model and everything built so far live for the whole process: move them out of
+        # the cyclic collector's way, so its passes stay short while serving.
+        gc.collect()
+        gc.freeze()
         if not self._stop.is_set():
             await self._set_health(True)
             log.info("SERVING model %r on port %d", config.model_name, self.port)
