@@ -212,6 +212,15 @@ class InferenceClient:
         )
         return response.config
 
+    async def repository_index(
+        self, ready: bool = False, deadline_s: float | None = None
+    ) -> list[tuple[str, str]]:
+        """(name, state) of each model the server lists."""
+        response: pb.RepositoryIndexResponse = await self.stub.RepositoryIndex(
+            pb.RepositoryIndexRequest(ready=ready), timeout=deadline_s
+        )
+        return [(m.name, m.state) for m in response.models]
+
     async def model_statistics(
         self, model: str = "", deadline_s: float | None = None
     ) -> pb.ModelStatisticsResponse:

@@ -230,6 +230,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await _answer(context, answer)
 
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        """The one model this worker serves, so a client can find its name (`ready` filters)."""
+        if request.ready and not self.ready:
+            return pb.RepositoryIndexResponse()
+        state = "READY" if self.ready else ("UNAVAILABLE" if self.draining else "LOADING")
+        entry = pb.RepositoryIndexResponse.ModelIndex(
+            name=self.model_name, version=self.version, state=state
+        )
+        return pb.RepositoryIndexResponse(models=[entry])
+
     def _info_or_placeholder(self) -> protocol.ModelInfo:
         """Name checks work while warming up: the model's name is known before its shapes."""
         return self.info or protocol.ModelInfo(self.model_name, image_size=0, num_classes=0)

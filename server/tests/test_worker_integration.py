@@ -177,9 +177,13 @@ def test_metadata_health_reflection_and_metrics(tiny_worker: Any) -> None:
                 await client.model_metadata("tiny"),
                 await client.server_metadata(),
                 services,
+                await client.repository_index(ready=True),
             )
 
-    health, health_service, live, ready, model_ready, meta, server, services = asyncio.run(go())
+    health, health_service, live, ready, model_ready, meta, server, services, index = asyncio.run(
+        go()
+    )
+    assert index == [("tiny", "READY")]
     assert (health, health_service, live, ready, model_ready) == (
         "SERVING",
         "SERVING",
