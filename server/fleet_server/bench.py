@@ -16,6 +16,7 @@ import grpc.aio
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fleet_server.argtypes import at_least_one, non_negative_seconds, positive_seconds
 from fleet_server.bench_frames import FramesError, build_requests
 from fleet_server.bench_report import best_step, plot_sweep, result_table, sweep_json
 from fleet_server.bench_stats import StepResult
@@ -54,27 +55,6 @@ def _concurrency_list(text: str) -> list[int]:
     return values
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _secs(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _secs0(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inferencefleet bench",
@@ -92,13 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--concurrency", type=_concurrency_list, default=[1, 4, 16, 64],
         help="requests in flight per step, comma-separated (default 1,4,16,64)",
     )  # fmt: skip
-    parser.add_argument("--duration", type=_secs, default=10.0, help="measured seconds per step")
-    parser.add_argument("--warmup", type=_secs0, default=3.0, help="unmeasured seconds per step")
+    parser.add_argument(
+        "--duration", type=positive_seconds, default=10.0, help="measured seconds per step"
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_seconds, default=3.0, help="unmeasured seconds per step"
+    )
     parser.add_argument(
         "--mode", choices=["unary", "stream"], default="unary",
         help="ModelInfer calls, or ModelStreamInfer streams (one request in flight per stream)",
     )  # fmt: skip
-    parser.add_argument("--batch", type=_count, default=1, help="frames per request (default 1)")
+    parser.add_argument(
+        "--batch", type=at_least_one, default=1, help="frames per request (default 1)"
+    )
     parser.add_argument(
         "--images", type=Path, action="append", default=[],
         help="an image file or a folder of them to send instead of random frames (repeatable)",
@@ -107,12 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size", type=int, help="H = W for a model input with dynamic height and width"
     )
     parser.add_argument(
-        "--connections", type=_count, default=1,
+        "--connections", type=at_least_one, default=1,
         help="gRPC channels, each with its own connection to every target (default 1)",
     )  # fmt: skip
-    parser.add_argument("--timeout", type=_secs, default=30.0, help="deadline of one request (s)")
     parser.add_argument(
-        "--connect-timeout", type=_secs, default=5.0,
+        "--timeout", type=positive_seconds, default=30.0, help="deadline of one request (s)"
+    )
+    parser.add_argument(
+        "--connect-timeout", type=positive_seconds, default=5.0,
         help="fail when a target does not answer within this many seconds (default 5)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")

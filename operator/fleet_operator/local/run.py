@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fleet_server.argtypes import at_least_one
 from rich.console import Console
 from rich.live import Live
 
@@ -35,13 +36,6 @@ class RefusedError(RuntimeError):
     """The fleet cannot run on this machine as asked (the message has the numbers)."""
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inferencefleet run",
@@ -50,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("fleet", type=Path, help="the InferenceFleet manifest (fleet.yaml)")
     parser.add_argument("--model", help="use this model source instead of spec.model.source")
-    parser.add_argument("--image-size", type=_count, help="input height = width of a builtin model")
     parser.add_argument(
-        "--threads", type=_count, help="torch threads per worker (default: cores/workers)"
+        "--image-size", type=at_least_one, help="input height = width of a builtin model"
+    )
+    parser.add_argument(
+        "--threads", type=at_least_one, help="torch threads per worker (default: cores/workers)"
     )
     parser.add_argument(
         "--device", choices=["auto", "cpu"], default="auto", help="cpu: ignore GPUs"
