@@ -7,15 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fleet_server.bench_frames import FramesError, build_requests, request_shape
-from fleet_server.bench_wire import TensorInfo, decode_fields
+from fleet_server.bench_wire import TensorInfo, decode_raw_inputs
 from PIL import Image
 
 FRAMES = TensorInfo("frames", "UINT8", (-1, 32, 48, 3))
 
 
 def _raw(request: bytes) -> bytes:
-    raw = decode_fields(request)[7][0]
-    assert isinstance(raw, bytes)
+    (raw,) = decode_raw_inputs(request)
     return raw
 
 

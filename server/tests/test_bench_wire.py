@@ -1,4 +1,4 @@
-"""The benchmark's hand-encoded protocol messages, checked against the generated classes."""
+"""The benchmark's pre-encoded protocol messages, read back as the worker reads them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from fleet_server.bench_wire import (
     encode_model_metadata_request,
     stream_error,
 )
-
-pb = pytest.importorskip("fleet_server.proto.inference_pb2")
+from fleet_server.proto import inference_pb2 as pb
 
 
 def test_infer_request_decodes_as_model_infer_request() -> None:
