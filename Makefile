@@ -28,13 +28,13 @@ lint: ## ruff
 	@$(VENV)/bin/ruff format --check .
 
 typecheck: ## mypy --strict
-	@$(VENV)/bin/mypy server/fleet_server operator/fleet_operator
+	@$(VENV)/bin/mypy server/inferencefleet server/fleet_proto server/fleet_server server/fleet_client operator/fleet_spec operator/fleet_operator operator/fleet_local
 
 unit: setup ## only the tests that need no process, network or cluster
 	@$(PY) -m pytest -m "not integration and not e2e"
 
-proto: ## regenerate the protobuf/gRPC code next to server/fleet_server/proto/inference.proto
-	@$(PY) -m grpc_tools.protoc -I server --python_out=server --pyi_out=server --grpc_python_out=server server/fleet_server/proto/inference.proto
+proto: ## regenerate the protobuf/gRPC code next to server/fleet_proto/inference.proto
+	@$(PY) -m grpc_tools.protoc -I server --python_out=server --pyi_out=server --grpc_python_out=server server/fleet_proto/inference.proto
 
 bench-server: setup ## raw model vs served frames/s and added latency (MODEL=builtin:resnet18)
 	@$(PY) bench/bench_server.py --model $(MODEL)

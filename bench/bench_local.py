@@ -47,7 +47,7 @@ def fleet_file(folder: Path, workers: int, batch: int) -> Path:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fleet_server.cli", *args]
+    return [sys.executable, "-m", "inferencefleet.cli", *args]
 
 
 def measure(args: argparse.Namespace, workers: int, batch: int, folder: Path) -> dict[str, Any]:

@@ -186,7 +186,7 @@ async def measure(
     args: argparse.Namespace, raw: Raw, port: int, server: int, batch: int
 ) -> dict[str, Any]:
     import numpy as np
-    from fleet_server.client import InferenceClient, infer_request
+    from fleet_client.client import InferenceClient, infer_request
     from fleet_server.models import default_name
 
     frame = np.random.default_rng(1).integers(

@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fleet_server.cli", *args]
+    return [sys.executable, "-m", "inferencefleet.cli", *args]
 
 
 def perf_analyzer(args: argparse.Namespace, port: int, model: str) -> tuple[float, float]:

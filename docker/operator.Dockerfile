@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# The operator image: `inferencefleet operator` (kopf). It needs no PyTorch: the project is
-# installed without its dependencies, then only the operator's own, at the locked versions.
+# The operator image: `inferencefleet operator` (kopf). It installs the project's `operator`
+# extra at the locked versions, and nothing else: no PyTorch, no gRPC.
 #
 #   docker build -f docker/operator.Dockerfile -t REGISTRY/inferencefleet-operator:TAG .
 #   docker push REGISTRY/inferencefleet-operator:TAG
@@ -16,11 +16,9 @@ COPY requirements.lock pyproject.toml README.md ./
 COPY server/ server/
 COPY operator/ operator/
 COPY crds/inferencefleet.yaml /opt/inferencefleet/crds/inferencefleet.yaml
-RUN /opt/inferencefleet/bin/pip install --no-deps . \
- && /opt/inferencefleet/bin/pip install --constraint requirements.lock \
-        kopf kubernetes pyyaml jsonschema \
+RUN /opt/inferencefleet/bin/pip install --constraint requirements.lock ".[operator]" \
  && INFERENCEFLEET_CRD=/opt/inferencefleet/crds/inferencefleet.yaml \
-    /opt/inferencefleet/bin/python -c "import fleet_operator.main, fleet_operator.spec as s; s.crd()"
+    /opt/inferencefleet/bin/python -c "import fleet_operator.main, fleet_spec.spec as s; s.crd()"
 
 FROM ${PYTHON_IMAGE}
 COPY --from=build /opt/inferencefleet /opt/inferencefleet

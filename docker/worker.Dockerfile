@@ -19,8 +19,8 @@ RUN python -m venv /opt/inferencefleet
 COPY requirements.lock pyproject.toml README.md ./
 COPY server/ server/
 COPY operator/ operator/
-# Runtime dependencies only (the lock also pins the dev tools), at the locked versions.
-RUN /opt/inferencefleet/bin/pip install --constraint requirements.lock . \
+# The worker's extra only (the lock also pins the dev tools), at the locked versions.
+RUN /opt/inferencefleet/bin/pip install --constraint requirements.lock ".[worker]" \
  && /opt/inferencefleet/bin/python -c "import torch; assert torch.version.cuda, 'CPU-only torch'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 FROM ${PYTHON_IMAGE}

@@ -24,7 +24,7 @@ work="$(mktemp -d)"
 started=$SECONDS
 
 echo "demo: starting $FLEET (logs in $work)"
-"$PY" -m fleet_server.cli run "$FLEET" --no-table --port "$PORT" --metrics-port "$((PORT + 1000))" \
+"$PY" -m inferencefleet.cli run "$FLEET" --no-table --port "$PORT" --metrics-port "$((PORT + 1000))" \
     --ready-file "$work/ready" --log-dir "$work/logs" "${RUN_ARGS[@]}" > "$work/run.out" 2>&1 &
 run_pid=$!
 tail -n +1 -f --pid "$run_pid" "$work/run.out" &
@@ -57,7 +57,7 @@ endpoints="$(cat "$work/ready")"
 model="$(sed -n 's/.*--model \([^ ]*\)$/\1/p' "$work/run.out" | head -n 1)"
 echo "demo: fleet ready after $((SECONDS - started)) s; benchmarking $endpoints"
 
-"$PY" -m fleet_server.cli bench "$endpoints" --model "$model" "${BENCH_ARGS[@]}" \
+"$PY" -m inferencefleet.cli bench "$endpoints" --model "$model" "${BENCH_ARGS[@]}" \
     --plot "$OUT/demo.png" --json-file "$OUT/demo.json"
 
 stop_fleet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fleet_operator.spec import load_fleet
+from fleet_spec.spec import load_fleet
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

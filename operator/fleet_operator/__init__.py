@@ -1,1 +1,1 @@
-"""The InferenceFleet control plane: fleet spec, kopf operator, GPU sharing, local runtime."""
+"""The Kubernetes operator for InferenceFleet: observe, decide, act (kopf)."""

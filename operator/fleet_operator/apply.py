@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from fleet_spec.spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from fleet_operator.names import FIELD_MANAGER, FLEET_LABEL
 from fleet_operator.sharing import NodeView, node_view
-from fleet_operator.spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
+from fleet_spec.spec import GROUP, PLURAL, VERSION, FleetSpecError
 from kubernetes.client.exceptions import ApiException
 
 from fleet_operator import apply, reconcile
 from fleet_operator.names import FLEET_LABEL, MANAGED_BY, MANAGED_BY_VALUE
-from fleet_operator.spec import GROUP, PLURAL, VERSION, FleetSpecError
 
 RESYNC_SECONDS = 30.0  # the timer that re-reads nodes and pods, whatever else happens
 RETRY_SECONDS = 10

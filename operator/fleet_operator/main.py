@@ -8,10 +8,10 @@ import random
 import sys
 
 import kopf
+from fleet_spec.spec import GROUP
 
 from fleet_operator import apply
 from fleet_operator.reconcile import DEFAULT_WORKER_IMAGE, OperatorConfig
-from fleet_operator.spec import GROUP
 
 DEFAULT_PEERING = "inferencefleet"
 

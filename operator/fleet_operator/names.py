@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleet_operator.spec import API_VERSION, GROUP, KIND
+from fleet_spec.spec import API_VERSION, GROUP, KIND
 
 FIELD_MANAGER = "inferencefleet-operator"
 FINALIZER = f"{GROUP}/release-gpu-nodes"

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet_spec.spec import FleetSpec, FleetSpecError, parse_fleet
+
 from fleet_operator import apply
 from fleet_operator.names import DEVICE_PLUGIN_LABEL, fleet_id
 from fleet_operator.render import Owner, render_children
@@ -22,7 +24,6 @@ from fleet_operator.sharing import (
     plan_claims,
     release_patch,
 )
-from fleet_operator.spec import FleetSpec, FleetSpecError, parse_fleet
 from fleet_operator.status import Observed, compute_status, condition_events, invalid_status
 
 log = logging.getLogger(__name__)

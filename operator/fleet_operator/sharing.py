@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from fleet_spec.capacity import Capacity, GpuHost, check_capacity, host_slots
+from fleet_spec.spec import FleetSpec, GpuSpec
 
-from fleet_operator.capacity import Capacity, GpuHost, check_capacity, host_slots
 from fleet_operator.names import (
     CLAIMS_ANNOTATION,
     COUNT_LABEL,
@@ -27,7 +28,6 @@ from fleet_operator.names import (
     SHARED_SUFFIX,
     fleet_id,
 )
-from fleet_operator.spec import FleetSpec, GpuSpec
 
 EXCLUSIVE = "exclusive"
 _STRATEGY = {"timeSlicing": ("timeslicing", "timeSlicing"), "mps": ("mps", "mps")}

@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fleet_spec.spec import FleetSpec
+
 from fleet_operator.names import GENERATION_ANNOTATION, selector
 from fleet_operator.sharing import EXCLUSIVE, ClaimPlan
-from fleet_operator.spec import FleetSpec
 
 
 @dataclass(frozen=True)

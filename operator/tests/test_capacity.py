@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fleet_operator.capacity import (
+from fleet_spec.capacity import (
     GpuHost,
     check_capacity,
     memory_needed_per_gpu_mib,
     processes_per_gpu,
     slots_per_gpu,
 )
-from fleet_operator.spec import FleetSpec, GpuSpec, ModelSpec
+from fleet_spec.spec import FleetSpec, GpuSpec, ModelSpec
 
 ADA = [GpuHost(f"ada-{i}", gpus=2, memory_mib=49140) for i in range(3)]
 BLACKWELL = GpuHost("blackwell-0", gpus=1, memory_mib=97887)

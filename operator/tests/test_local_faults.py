@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fleet_operator.local.run import main as run_main
+from fleet_local.run import main as run_main
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_model_file_that_does_not_load_stops_with_its_log(tmp_path: Path) -> Non
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     argv = [
-        sys.executable, "-m", "fleet_server.cli", "run", str(_one_replica(tmp_path)),
+        sys.executable, "-m", "inferencefleet.cli", "run", str(_one_replica(tmp_path)),
         "--model", str(broken), "--threads", "1", "--port", str(port), "--metrics-port", "0",
         "--log-dir", str(tmp_path / "logs"), "--no-table", "--backoff-s", "0.1",
     ]  # fmt: skip

@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from fleet_server.proto import inference_pb2 as pb
-from fleet_server.proto import inference_pb2_grpc as pb_grpc
+from fleet_proto import inference_pb2 as pb
+from fleet_proto import inference_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
@@ -139,7 +139,7 @@ def max_batch_size(endpoint: str) -> int:
 
 
 def bench(endpoints: list[str], *extra: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "fleet_server.cli", "bench", ",".join(endpoints)]
+    argv = [sys.executable, "-m", "inferencefleet.cli", "bench", ",".join(endpoints)]
     argv += ["--model", "tiny", "--json", "--quiet", *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -161,7 +161,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
     log_dir = root / "logs"
     output = root / "run.out"
     argv = [
-        sys.executable, "-m", "fleet_server.cli", "run", str(manifest),
+        sys.executable, "-m", "inferencefleet.cli", "run", str(manifest),
         "--model", "builtin:tiny", "--image-size", "64", "--threads", "1",
         "--port", str(port), "--metrics-port", str(metrics),
         "--log-dir", str(log_dir), "--ready-file", str(root / "ready"),

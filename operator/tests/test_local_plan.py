@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fleet_operator.local.host import parse_nvidia_smi
-from fleet_operator.local.manifest import read_fleet
-from fleet_operator.local.plan import (
+from fleet_local.host import parse_nvidia_smi
+from fleet_local.manifest import read_fleet
+from fleet_local.plan import (
     LocalGpu,
     LocalHost,
     Options,
@@ -19,9 +19,9 @@ from fleet_operator.local.plan import (
     plan_workers,
     same_process,
 )
-from fleet_operator.local.run import RefusedError, preflight
-from fleet_operator.local.run import main as run_main
-from fleet_operator.local.scrape import Rates, Sample, histogram_quantile, parse_metrics
+from fleet_local.run import RefusedError, preflight
+from fleet_local.run import main as run_main
+from fleet_local.scrape import Rates, Sample, histogram_quantile, parse_metrics
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
 CPU_HOST = LocalHost(cores=2)

@@ -8,7 +8,7 @@ from typing import Any
 
 from fleet_operator.render import Owner, render_children
 from fleet_operator.render.deployment import pod_template, worker_args
-from fleet_operator.spec import BatchingSpec, FleetSpec, GpuSpec, ModelSpec, parse_fleet
+from fleet_spec.spec import BatchingSpec, FleetSpec, GpuSpec, ModelSpec, parse_fleet
 
 OWNER = Owner(name="detector", namespace="vision", uid="uid-1", generation=3)
 ADA = "NVIDIA-RTX-6000-Ada-Generation"

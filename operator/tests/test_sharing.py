@@ -15,7 +15,7 @@ from fleet_operator.sharing import (
     profile_key,
     release_patch,
 )
-from fleet_operator.spec import FleetSpec, GpuSpec, ModelSpec
+from fleet_spec.spec import FleetSpec, GpuSpec, ModelSpec
 
 ADA = "NVIDIA-RTX-6000-Ada-Generation"
 

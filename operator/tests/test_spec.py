@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-from fleet_operator import spec as fleet_spec
-from fleet_operator.spec import FleetSpecError, load_fleet, parse_fleet
+from fleet_spec import spec as fleet_spec
+from fleet_spec.spec import FleetSpecError, load_fleet, parse_fleet
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
 

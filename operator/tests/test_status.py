@@ -6,8 +6,8 @@ from typing import Any
 
 from fleet_operator.names import CLAIMS_ANNOTATION, PROFILE_LABEL
 from fleet_operator.sharing import node_view, plan_claims
-from fleet_operator.spec import FleetSpec, GpuSpec, ModelSpec
 from fleet_operator.status import Observed, compute_status, condition_events, invalid_status
+from fleet_spec.spec import FleetSpec, GpuSpec, ModelSpec
 
 ADA = "NVIDIA-RTX-6000-Ada-Generation"
 NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z"

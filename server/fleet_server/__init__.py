@@ -1,1 +1,1 @@
-"""The InferenceFleet worker: protocol, batcher, model runner, client and load generator."""
+"""The inference worker (`inferencefleet serve`): servicer, batcher, model runner."""

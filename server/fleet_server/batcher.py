@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from fleet_proto.tensors import Frames, Logits
 
 from fleet_server import metrics
 from fleet_server.errors import DeadlineExpired, NotReady, QueueFull
-from fleet_server.runner import Frames, Logits
 from fleet_server.settings import BatchSettings
 from fleet_server.stats import ModelStats
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from fleet_proto import inference_pb2 as pb
+from fleet_proto.tensors import Frames, Logits
 
 from fleet_server.errors import InvalidInput, ModelNotFound
-from fleet_server.proto import inference_pb2 as pb
-from fleet_server.runner import Frames, Logits
 from fleet_server.settings import BatchSettings
 from fleet_server.stats import Duration, ModelStats
 

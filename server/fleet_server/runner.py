@@ -8,8 +8,8 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import numpy.typing as npt
 import torch
+from fleet_proto.tensors import Frames, Logits
 
 from fleet_server.models import LoadedModel
 
@@ -20,9 +20,6 @@ _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WARMUP_RUNS = 3  # TorchScript's profiling executor specialises after its first runs of a shape
-
-Frames = npt.NDArray[np.uint8]
-Logits = npt.NDArray[np.float32]
 
 
 def resolve_device(spec: str, worker_index: int = 0) -> torch.device:

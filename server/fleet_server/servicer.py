@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import grpc
+from fleet_proto import inference_pb2 as pb
+from fleet_proto import inference_pb2_grpc as pb_grpc
+from fleet_proto.tensors import Logits
 
 from fleet_server import metrics, protocol
 from fleet_server.batcher import Batcher
 from fleet_server.errors import NotReady, to_status
-from fleet_server.proto import inference_pb2 as pb
-from fleet_server.proto import inference_pb2_grpc as pb_grpc
-from fleet_server.runner import Logits
 from fleet_server.stats import ModelStats
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,8 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import grpc
+from fleet_proto import inference_pb2 as pb
+from fleet_proto import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -23,8 +25,6 @@ from grpc_reflection.v1alpha import reflection
 from fleet_server import metrics, protocol
 from fleet_server.batcher import Batcher
 from fleet_server.models import load_model
-from fleet_server.proto import inference_pb2 as pb
-from fleet_server.proto import inference_pb2_grpc as pb_grpc
 from fleet_server.runner import ModelRunner, resolve_device, resolve_dtype
 from fleet_server.servicer import InferenceServicer
 from fleet_server.settings import BatchSettings, SettingsError, load_settings_file

@@ -5,8 +5,9 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from fleet_client.client import infer_request, logits_from_response
+from fleet_proto import inference_pb2 as pb
 from fleet_server import protocol
-from fleet_server.client import infer_request, logits_from_response
 from fleet_server.errors import (
     INTERNAL_MESSAGE,
     DeadlineExpired,
@@ -16,7 +17,6 @@ from fleet_server.errors import (
     QueueFull,
     to_status,
 )
-from fleet_server.proto import inference_pb2 as pb
 from fleet_server.settings import BatchSettings
 
 INFO = protocol.ModelInfo("tiny", image_size=4, num_classes=10)

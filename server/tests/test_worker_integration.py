@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
-from fleet_server.client import InferenceClient, infer_request
-from fleet_server.proto import inference_pb2 as pb
+from fleet_client.client import InferenceClient, infer_request
+from fleet_proto import inference_pb2 as pb
 from fleet_server.runner import ModelRunner
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

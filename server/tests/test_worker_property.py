@@ -7,9 +7,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fleet_server.client import infer_request
-from fleet_server.proto import inference_pb2 as pb
-from fleet_server.proto import inference_pb2_grpc as pb_grpc
+from fleet_client.client import infer_request
+from fleet_proto import inference_pb2 as pb
+from fleet_proto import inference_pb2_grpc as pb_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleet_spec.spec import FleetSpec
+
 from fleet_operator.render.common import Owner
 from fleet_operator.render.configmap import render_batching_configmap
 from fleet_operator.render.deployment import render_deployment
 from fleet_operator.render.pdb import render_pdb
 from fleet_operator.render.service import render_service
-from fleet_operator.spec import FleetSpec
 
 __all__ = ["Owner", "render_children"]
 

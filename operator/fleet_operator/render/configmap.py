@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fleet_spec.spec import FleetSpec
+
 from fleet_operator.names import BATCHING_FILE, batching_configmap_name
 from fleet_operator.render.common import Owner, metadata
-from fleet_operator.spec import FleetSpec
 
 
 def render_batching_configmap(spec: FleetSpec, owner: Owner) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleet_spec.spec import MODEL_MOUNT, FleetSpec
+
 from fleet_operator.names import (
     BATCHING_DIR,
     BATCHING_FILE,
@@ -24,7 +26,6 @@ from fleet_operator.names import (
 )
 from fleet_operator.render.common import Owner, metadata
 from fleet_operator.sharing import GPU_TOLERATION, product_values
-from fleet_operator.spec import MODEL_MOUNT, FleetSpec
 
 HEALTH_SERVICE = "inference.GRPCInferenceService"  # NOT_SERVING until the model is warm
 RUN_AS = 65532

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fleet_server.bench_stats import StepResult
+from fleet_client.results import StepResult
 
 
 def _ms(value: float) -> str:

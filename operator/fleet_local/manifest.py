@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from fleet_operator.spec import FleetSpec, FleetSpecError, parse_fleet
+from fleet_spec.spec import FleetSpec, FleetSpecError, parse_fleet
 
 
 def read_fleet(path: Path, model_override: str | None = None) -> FleetSpec:

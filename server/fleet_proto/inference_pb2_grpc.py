@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fleet_server.proto import inference_pb2 as fleet__server_dot_proto_dot_inference__pb2
+from fleet_proto import inference_pb2 as fleet__proto_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fleet_server/proto/inference_pb2_grpc.py depends on'
+        + ' but the generated code in fleet_proto/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,53 +36,53 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=fleet__server_dot_proto_dot_inference__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=fleet__server_dot_proto_dot_inference__pb2.ServerLiveResponse.FromString,
+                request_serializer=fleet__proto_dot_inference__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=fleet__proto_dot_inference__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=fleet__server_dot_proto_dot_inference__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=fleet__server_dot_proto_dot_inference__pb2.ServerReadyResponse.FromString,
+                request_serializer=fleet__proto_dot_inference__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=fleet__proto_dot_inference__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelReadyResponse.FromString,
+                request_serializer=fleet__proto_dot_inference__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=fleet__proto_dot_inference__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=fleet__server_dot_proto_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=fleet__server_dot_proto_dot_inference__pb2.ServerMetadataResponse.FromString,
+                request_serializer=fleet__proto_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=fleet__proto_dot_inference__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelMetadataResponse.FromString,
+                request_serializer=fleet__proto_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=fleet__proto_dot_inference__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelInferResponse.FromString,
+                request_serializer=fleet__proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=fleet__proto_dot_inference__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelStreamInfer = channel.stream_stream(
                 '/inference.GRPCInferenceService/ModelStreamInfer',
-                request_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelStreamInferResponse.FromString,
+                request_serializer=fleet__proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=fleet__proto_dot_inference__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelConfig',
-                request_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelConfigRequest.SerializeToString,
-                response_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelConfigResponse.FromString,
+                request_serializer=fleet__proto_dot_inference__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=fleet__proto_dot_inference__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelStatistics',
-                request_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelStatisticsRequest.SerializeToString,
-                response_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelStatisticsResponse.FromString,
+                request_serializer=fleet__proto_dot_inference__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=fleet__proto_dot_inference__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
         self.RepositoryIndex = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryIndex',
-                request_serializer=fleet__server_dot_proto_dot_inference__pb2.RepositoryIndexRequest.SerializeToString,
-                response_deserializer=fleet__server_dot_proto_dot_inference__pb2.RepositoryIndexResponse.FromString,
+                request_serializer=fleet__proto_dot_inference__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=fleet__proto_dot_inference__pb2.RepositoryIndexResponse.FromString,
                 _registered_method=True)
 
 
@@ -154,53 +154,53 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=fleet__server_dot_proto_dot_inference__pb2.ServerLiveRequest.FromString,
-                    response_serializer=fleet__server_dot_proto_dot_inference__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=fleet__proto_dot_inference__pb2.ServerLiveRequest.FromString,
+                    response_serializer=fleet__proto_dot_inference__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=fleet__server_dot_proto_dot_inference__pb2.ServerReadyRequest.FromString,
-                    response_serializer=fleet__server_dot_proto_dot_inference__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=fleet__proto_dot_inference__pb2.ServerReadyRequest.FromString,
+                    response_serializer=fleet__proto_dot_inference__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelReadyRequest.FromString,
-                    response_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=fleet__proto_dot_inference__pb2.ModelReadyRequest.FromString,
+                    response_serializer=fleet__proto_dot_inference__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=fleet__server_dot_proto_dot_inference__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=fleet__server_dot_proto_dot_inference__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=fleet__proto_dot_inference__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=fleet__proto_dot_inference__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=fleet__proto_dot_inference__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=fleet__proto_dot_inference__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelInferRequest.FromString,
-                    response_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=fleet__proto_dot_inference__pb2.ModelInferRequest.FromString,
+                    response_serializer=fleet__proto_dot_inference__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
                     servicer.ModelStreamInfer,
-                    request_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelInferRequest.FromString,
-                    response_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelStreamInferResponse.SerializeToString,
+                    request_deserializer=fleet__proto_dot_inference__pb2.ModelInferRequest.FromString,
+                    response_serializer=fleet__proto_dot_inference__pb2.ModelStreamInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
-                    request_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelConfigRequest.FromString,
-                    response_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelConfigResponse.SerializeToString,
+                    request_deserializer=fleet__proto_dot_inference__pb2.ModelConfigRequest.FromString,
+                    response_serializer=fleet__proto_dot_inference__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatistics,
-                    request_deserializer=fleet__server_dot_proto_dot_inference__pb2.ModelStatisticsRequest.FromString,
-                    response_serializer=fleet__server_dot_proto_dot_inference__pb2.ModelStatisticsResponse.SerializeToString,
+                    request_deserializer=fleet__proto_dot_inference__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=fleet__proto_dot_inference__pb2.ModelStatisticsResponse.SerializeToString,
             ),
             'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryIndex,
-                    request_deserializer=fleet__server_dot_proto_dot_inference__pb2.RepositoryIndexRequest.FromString,
-                    response_serializer=fleet__server_dot_proto_dot_inference__pb2.RepositoryIndexResponse.SerializeToString,
+                    request_deserializer=fleet__proto_dot_inference__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=fleet__proto_dot_inference__pb2.RepositoryIndexResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,8 +228,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            fleet__server_dot_proto_dot_inference__pb2.ServerLiveRequest.SerializeToString,
-            fleet__server_dot_proto_dot_inference__pb2.ServerLiveResponse.FromString,
+            fleet__proto_dot_inference__pb2.ServerLiveRequest.SerializeToString,
+            fleet__proto_dot_inference__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -255,8 +255,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            fleet__server_dot_proto_dot_inference__pb2.ServerReadyRequest.SerializeToString,
-            fleet__server_dot_proto_dot_inference__pb2.ServerReadyResponse.FromString,
+            fleet__proto_dot_inference__pb2.ServerReadyRequest.SerializeToString,
+            fleet__proto_dot_inference__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -282,8 +282,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            fleet__server_dot_proto_dot_inference__pb2.ModelReadyRequest.SerializeToString,
-            fleet__server_dot_proto_dot_inference__pb2.ModelReadyResponse.FromString,
+            fleet__proto_dot_inference__pb2.ModelReadyRequest.SerializeToString,
+            fleet__proto_dot_inference__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -309,8 +309,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            fleet__server_dot_proto_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
-            fleet__server_dot_proto_dot_inference__pb2.ServerMetadataResponse.FromString,
+            fleet__proto_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
+            fleet__proto_dot_inference__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -336,8 +336,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            fleet__server_dot_proto_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
-            fleet__server_dot_proto_dot_inference__pb2.ModelMetadataResponse.FromString,
+            fleet__proto_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
+            fleet__proto_dot_inference__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -363,8 +363,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            fleet__server_dot_proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
-            fleet__server_dot_proto_dot_inference__pb2.ModelInferResponse.FromString,
+            fleet__proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
+            fleet__proto_dot_inference__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -390,8 +390,8 @@ class GRPCInferenceService:
             request_iterator,
             target,
             '/inference.GRPCInferenceService/ModelStreamInfer',
-            fleet__server_dot_proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
-            fleet__server_dot_proto_dot_inference__pb2.ModelStreamInferResponse.FromString,
+            fleet__proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
+            fleet__proto_dot_inference__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -417,8 +417,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelConfig',
-            fleet__server_dot_proto_dot_inference__pb2.ModelConfigRequest.SerializeToString,
-            fleet__server_dot_proto_dot_inference__pb2.ModelConfigResponse.FromString,
+            fleet__proto_dot_inference__pb2.ModelConfigRequest.SerializeToString,
+            fleet__proto_dot_inference__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -444,8 +444,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelStatistics',
-            fleet__server_dot_proto_dot_inference__pb2.ModelStatisticsRequest.SerializeToString,
-            fleet__server_dot_proto_dot_inference__pb2.ModelStatisticsResponse.FromString,
+            fleet__proto_dot_inference__pb2.ModelStatisticsRequest.SerializeToString,
+            fleet__proto_dot_inference__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -471,8 +471,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryIndex',
-            fleet__server_dot_proto_dot_inference__pb2.RepositoryIndexRequest.SerializeToString,
-            fleet__server_dot_proto_dot_inference__pb2.RepositoryIndexResponse.FromString,
+            fleet__proto_dot_inference__pb2.RepositoryIndexRequest.SerializeToString,
+            fleet__proto_dot_inference__pb2.RepositoryIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet_server.bench_wire import TensorInfo, encode_infer_request
+from fleet_client.messages import TensorInfo, encode_infer_request
 
 _NUMPY_TYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP16": np.float16, "INT8": np.int8}
 

@@ -8,9 +8,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from fleet_operator.local.plan import LocalHost, Options, WorkerPlan, plan_workers, same_process
-from fleet_operator.local.worker import Policy, Worker
-from fleet_operator.spec import BatchingSpec, FleetSpec
+from fleet_spec.spec import BatchingSpec, FleetSpec
+
+from fleet_local.plan import LocalHost, Options, WorkerPlan, plan_workers, same_process
+from fleet_local.worker import Policy, Worker
 
 Say = Callable[[str], None]
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from fleet_server.bench_wire import (
-    WireError,
+from fleet_client.messages import (
+    MessageError,
     decode_model_metadata,
     decode_repository_index,
     decode_server_ready,
@@ -12,7 +12,7 @@ from fleet_server.bench_wire import (
     encode_model_metadata_request,
     stream_error,
 )
-from fleet_server.proto import inference_pb2 as pb
+from fleet_proto import inference_pb2 as pb
 
 
 def test_infer_request_decodes_as_model_infer_request() -> None:
@@ -57,5 +57,5 @@ def test_repository_index_names() -> None:
 
 def test_truncated_message_is_an_error() -> None:
     data = encode_infer_request("tiny", "frames", "UINT8", [1, 2, 2, 3], b"x" * 12)
-    with pytest.raises(WireError):
+    with pytest.raises(MessageError):
         decode_model_metadata(data[:-3])

@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
-from fleet_server.bench_report import best_step, plot_sweep, sweep_json
-from fleet_server.bench_stats import StepResult, percentile
-from fleet_server.loadgen import TargetError, parse_targets
+from fleet_client.loadgen import TargetError, parse_targets
+from fleet_client.report import best_step, plot_sweep, sweep_json
+from fleet_client.results import StepResult, percentile
 
 
 def test_percentile_is_nearest_rank() -> None:

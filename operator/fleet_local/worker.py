@@ -16,8 +16,8 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2
 
-from fleet_operator.local.plan import WorkerPlan
-from fleet_operator.local.scrape import Rates, fetch_metrics, parse_metrics
+from fleet_local.plan import WorkerPlan
+from fleet_local.scrape import Rates, fetch_metrics, parse_metrics
 
 HEALTH_SERVICE = "inference.GRPCInferenceService"
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"

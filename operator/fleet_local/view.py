@@ -8,8 +8,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from fleet_operator.local.fleet import Fleet
-from fleet_operator.local.worker import Worker, tail
+from fleet_local.fleet import Fleet
+from fleet_local.worker import Worker, tail
 
 _STATE_STYLE = {
     "ready": "green",

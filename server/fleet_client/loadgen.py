@@ -20,15 +20,15 @@ from typing import Literal
 import grpc
 import grpc.aio
 
-from fleet_server import bench_channelz
-from fleet_server.bench_stats import StepResult
-from fleet_server.bench_wire import (
+from fleet_client import channelz
+from fleet_client.messages import (
     MODEL_INFER,
     MODEL_STREAM_INFER,
     SERVER_READY,
     decode_server_ready,
     stream_error,
 )
+from fleet_client.results import StepResult
 
 Mode = Literal["unary", "stream"]
 _Unary = grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
@@ -194,12 +194,12 @@ class LoadGenerator:
     async def _measure(self, result: StepResult, start_at: float, end_at: float) -> None:
         await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         cpu0 = time.process_time()
-        calls0 = bench_channelz.subchannel_calls(self.targets.grpc_target)
+        calls0 = channelz.subchannel_calls(self.targets.grpc_target)
         await asyncio.sleep(max(0.0, end_at - time.perf_counter()))
         result.client_cpu_s = time.process_time() - cpu0
         if self.mode == "unary":
-            calls1 = bench_channelz.subchannel_calls(self.targets.grpc_target)
-            per_call = bench_channelz.calls_delta(calls0, calls1, succeeded=True)
+            calls1 = channelz.subchannel_calls(self.targets.grpc_target)
+            per_call = channelz.calls_delta(calls0, calls1, succeeded=True)
             result.per_target = {address: n * self._frames for address, n in per_call.items()}
 
     @staticmethod
@@ -230,15 +230,15 @@ class LoadGenerator:
     ) -> tuple[grpc.aio.StreamStreamCall[bytes, bytes], str]:
         """A new stream and the backend it went to (found from channelz, one opening at a time)."""
         async with self._open_lock:
-            before = bench_channelz.subchannel_calls(self.targets.grpc_target)
+            before = channelz.subchannel_calls(self.targets.grpc_target)
             opener: _Stream = channel.stream_stream(MODEL_STREAM_INFER)
             call = opener()
             await call.write(self._requests[0])
             reply = await call.read()
-            after = bench_channelz.subchannel_calls(self.targets.grpc_target)
+            after = channelz.subchannel_calls(self.targets.grpc_target)
         if reply is grpc.aio.EOF:
             raise _StreamClosed
-        opened = bench_channelz.calls_delta(before, after, succeeded=False)
+        opened = channelz.calls_delta(before, after, succeeded=False)
         return call, (next(iter(opened)) if len(opened) == 1 else "?")
 
     async def _stream_task(self, index: int, result: StepResult, start: float, end: float) -> None:

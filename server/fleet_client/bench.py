@@ -16,11 +16,17 @@ import grpc.aio
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fleet_server.argtypes import at_least_one, non_negative_seconds, positive_seconds
-from fleet_server.bench_frames import FramesError, build_requests
-from fleet_server.bench_report import best_step, plot_sweep, result_table, sweep_json
-from fleet_server.bench_stats import StepResult
-from fleet_server.bench_wire import (
+from fleet_client.argtypes import at_least_one, non_negative_seconds, positive_seconds
+from fleet_client.frames import FramesError, build_requests
+from fleet_client.loadgen import (
+    LoadGenerator,
+    TargetError,
+    Targets,
+    channel_options,
+    check_ready,
+    parse_targets,
+)
+from fleet_client.messages import (
     MODEL_METADATA,
     REPOSITORY_INDEX,
     TensorInfo,
@@ -29,14 +35,8 @@ from fleet_server.bench_wire import (
     encode_model_metadata_request,
     encode_repository_index_request,
 )
-from fleet_server.loadgen import (
-    LoadGenerator,
-    TargetError,
-    Targets,
-    channel_options,
-    check_ready,
-    parse_targets,
-)
+from fleet_client.report import best_step, plot_sweep, result_table, sweep_json
+from fleet_client.results import StepResult
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
 

@@ -14,17 +14,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from fleet_server.argtypes import at_least_one
+from fleet_client.argtypes import at_least_one
+from fleet_spec.spec import FleetSpec, FleetSpecError
 from rich.console import Console
 from rich.live import Live
 
-from fleet_operator.local.fleet import Fleet, write_atomically
-from fleet_operator.local.host import discover
-from fleet_operator.local.manifest import check_model_file, read_fleet, watch_file
-from fleet_operator.local.plan import LocalHost, Options, local_capacity, placement, plan_workers
-from fleet_operator.local.view import fleet_view, state_line
-from fleet_operator.local.worker import Policy, tail
-from fleet_operator.spec import FleetSpec, FleetSpecError
+from fleet_local.fleet import Fleet, write_atomically
+from fleet_local.host import discover
+from fleet_local.manifest import check_model_file, read_fleet, watch_file
+from fleet_local.plan import LocalHost, Options, local_capacity, placement, plan_workers
+from fleet_local.view import fleet_view, state_line
+from fleet_local.worker import Policy, tail
 
 
 def say(console: Console, text: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fleet_operator.spec import FleetSpec
+from fleet_spec.spec import FleetSpec
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from fleet_proto import inference_pb2 as pb
 from google.protobuf.message import DecodeError, Message
-
-from fleet_server.proto import inference_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_READY = f"/{SERVICE}/ServerReady"
@@ -25,15 +24,15 @@ REPOSITORY_INDEX = f"/{SERVICE}/RepositoryIndex"
 M = TypeVar("M", bound=Message)
 
 
-class WireError(ValueError):
-    """A message that is not valid protobuf wire format."""
+class MessageError(ValueError):
+    """A message that is not a valid protobuf message."""
 
 
 def _parse(kind: type[M], data: bytes) -> M:
     try:
         return kind.FromString(data)
     except DecodeError as exc:
-        raise WireError(f"not a valid {kind.__name__}: {exc}") from exc
+        raise MessageError(f"not a valid {kind.__name__}: {exc}") from exc
 
 
 def encode_infer_request(

@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet_operator.capacity import Capacity, GpuHost, check_capacity, processes_per_gpu
-from fleet_operator.spec import FleetSpec
+from fleet_spec.capacity import Capacity, GpuHost, check_capacity, processes_per_gpu
+from fleet_spec.spec import FleetSpec
 
 ACCELERATOR_NAME = "local"
 
@@ -119,7 +119,7 @@ def serve_argv(
     batching_file: Path,
 ) -> tuple[str, ...]:  # fmt: skip
     argv = [
-        options.python, "-m", "fleet_server.cli", "serve",
+        options.python, "-m", "inferencefleet.cli", "serve",
         "--model", spec.model.source,
         "--model-name", spec.model.served_name,
         "--host", options.host,

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 # subcommand -> (module, one-line help). Each module exposes main(argv: list[str]) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("fleet_server.serve", "run an inference worker (Open Inference Protocol over gRPC)"),
-    "bench": ("fleet_server.bench", "benchmark one or more workers with a concurrency sweep"),
-    "run": ("fleet_operator.local.run", "run a fleet.yaml as supervised local processes"),
+    "bench": ("fleet_client.bench", "benchmark one or more workers with a concurrency sweep"),
+    "run": ("fleet_local.run", "run a fleet.yaml as supervised local processes"),
     "operator": ("fleet_operator.main", "run the Kubernetes operator for InferenceFleet"),
 }
 

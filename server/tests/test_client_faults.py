@@ -18,7 +18,7 @@ def test_target_that_does_not_answer_fails_fast() -> None:
     argv = [
         sys.executable,
         "-m",
-        "fleet_server.cli",
+        "inferencefleet.cli",
         "bench",
         f"127.0.0.1:{port}",
         "--model",
@@ -37,7 +37,7 @@ def test_silent_target_fails_at_the_connect_timeout() -> None:
         silent.listen()
         port = silent.getsockname()[1]
         argv = [
-            sys.executable, "-m", "fleet_server.cli", "bench", f"127.0.0.1:{port}",
+            sys.executable, "-m", "inferencefleet.cli", "bench", f"127.0.0.1:{port}",
             "--model", "tiny", "--connect-timeout", "1",
         ]  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)

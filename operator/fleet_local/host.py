@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 
-from fleet_operator.local.plan import LocalGpu, LocalHost
+from fleet_local.plan import LocalGpu, LocalHost
 
 _QUERY = ["--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"]
 

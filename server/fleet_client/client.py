@@ -24,10 +24,9 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+from fleet_proto import inference_pb2 as pb
+from fleet_proto import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from fleet_server.proto import inference_pb2 as pb
-from fleet_server.proto import inference_pb2_grpc as pb_grpc
 
 INPUT_NAME = "frames"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

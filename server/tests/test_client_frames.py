@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_server.bench_frames import FramesError, build_requests, request_shape
-from fleet_server.bench_wire import TensorInfo, decode_raw_inputs
+from fleet_client.frames import FramesError, build_requests, request_shape
+from fleet_client.messages import TensorInfo, decode_raw_inputs
 from PIL import Image
 
 FRAMES = TensorInfo("frames", "UINT8", (-1, 32, 48, 3))

@@ -1,0 +1,1 @@
+"""The local runtime (`inferencefleet run`): a fleet.yaml as supervised local workers."""

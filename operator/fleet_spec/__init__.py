@@ -1,0 +1,1 @@
+"""The fleet spec and capacity rules from the CRD (no Kubernetes client, no torch)."""

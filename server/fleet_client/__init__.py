@@ -1,0 +1,1 @@
+"""The client side: OIP client, load generator, `inferencefleet bench` (no torch)."""

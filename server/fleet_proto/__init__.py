@@ -1,0 +1,1 @@
+"""Our Open Inference Protocol: inference.proto, its generated code, the array types."""

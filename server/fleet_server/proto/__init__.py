@@ -1,1 +1,0 @@
-"""Generated Open Inference Protocol code (see inference.proto; regenerate with `make proto`)."""

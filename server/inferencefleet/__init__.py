@@ -1,0 +1,1 @@
+"""The `inferencefleet` command line: one entry point for every runtime."""
