@@ -13,6 +13,8 @@ from typing import Any, cast
 import jsonschema
 import yaml
 
+from fleet_spec.cel_rules import rule_errors
+
 GROUP = "inferencefleet.dev"
 VERSION = "v1alpha1"
 KIND = "InferenceFleet"
@@ -26,7 +28,6 @@ CRD_PATH = Path(
     )
 )
 
-BUILTIN_MODELS = ("tiny", "resnet18")
 MODEL_MOUNT = "/models"
 
 
@@ -181,69 +182,6 @@ def _schema_error(error: jsonschema.ValidationError) -> tuple[str, str]:
     return where or "<root>", f"{text} (got {error.instance!r})" if kind != "type" else text
 
 
-# The CRD's CEL rules (x-kubernetes-validations), re-checked in Python. Keyed by the rule text so
-# that a test fails when the CRD gains a rule that has no Python twin here.
-CelCheck = Callable[[Any], bool]
-CEL_RULES: dict[str, CelCheck] = {
-    (
-        "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
-        " && self.metadata.name.size() <= 50"
-    ): (
-        lambda s: (
-            _is_dns_label(str(s.get("metadata", {}).get("name", "")))
-            and len(s["metadata"]["name"]) <= 50
-        )
-    ),
-    "!has(self.volume) || self.source.startsWith('/models/')": (
-        lambda s: "volume" not in s or str(s["source"]).startswith(MODEL_MOUNT + "/")
-    ),
-    "self.maxQueueSize >= self.maxBatchSize": lambda s: s["maxQueueSize"] >= s["maxBatchSize"],
-    "self.sharing != 'none' || self.workersPerGPU == 1": (
-        lambda s: s["sharing"] != "none" or s["workersPerGPU"] == 1
-    ),
-    "self.sharing == 'none' || self.workersPerGPU >= 2": (
-        lambda s: s["sharing"] == "none" or s["workersPerGPU"] >= 2
-    ),
-    (
-        "(!has(self.limits) || !('nvidia.com/gpu' in self.limits))"
-        " && (!has(self.requests) || !('nvidia.com/gpu' in self.requests))"
-    ): (lambda s: all("nvidia.com/gpu" not in s.get(part, {}) for part in ("limits", "requests"))),
-    "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''": (
-        lambda s: s.get("operator") != "Exists" or not s.get("value")
-    ),
-}
-
-
-def _is_dns_label(name: str) -> bool:
-    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-")
-    return (
-        bool(name)
-        and name[0].isalpha()
-        and name[-1] != "-"
-        and set(name) <= allowed
-        and name.islower()
-    )
-
-
-def _cel_errors(value: Any, schema: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
-    errors: list[tuple[str, str]] = []
-    for rule in schema.get("x-kubernetes-validations", []):
-        if not CEL_RULES[rule["rule"]](value):
-            path = where + rule.get("fieldPath", "")
-            message = str(rule["message"])
-            if not path and ": " in message:  # root rules name their field in the message
-                path, message = message.split(": ", 1)
-            errors.append((path, message))
-    if isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key in value:
-                errors += _cel_errors(value[key], sub, f"{where}.{key}" if where else key)
-    elif isinstance(value, list) and "items" in schema:
-        for index, item in enumerate(value):
-            errors += _cel_errors(item, schema["items"], f"{where}[{index}]")
-    return errors
-
-
 def defaulted(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy of the manifest with the CRD's defaults filled in (no validation)."""
     result: dict[str, Any] = apply_defaults(copy.deepcopy(dict(manifest)), openapi_schema())
@@ -261,9 +199,9 @@ def validate(manifest: Mapping[str, Any]) -> dict[str, Any]:
     ]
     if errors:
         raise FleetSpecError(errors)
-    cel = _cel_errors(document, schema, "")
-    if cel:
-        raise FleetSpecError(cel)
+    broken = rule_errors(document, schema, "")
+    if broken:
+        raise FleetSpecError(broken)
     return document
 
 
