@@ -10,7 +10,7 @@ held under another profile is never relabelled: it is reported as a conflict.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
@@ -65,7 +65,7 @@ def product_values(product: str) -> list[str]:
 
 @dataclass(frozen=True)
 class NodeView:
-    """What placement needs to know about one node."""
+    """What claiming a node needs to know about it."""
 
     name: str
     labels: Mapping[str, str]
@@ -284,3 +284,33 @@ def release_patch(node: NodeView, me: str) -> dict[str, Any]:
             "annotations": {CLAIMS_ANNOTATION: None},
         }
     }
+
+
+def patched(node: NodeView, patch: Mapping[str, Any]) -> NodeView:
+    """The node as it reads after a claim or release patch (labels and claims merged in)."""
+    meta = patch.get("metadata") or {}
+    labels = dict(node.labels)
+    for key, value in (meta.get("labels") or {}).items():
+        if value is None:
+            labels.pop(key, None)
+        else:
+            labels[key] = value
+    claims = node.claims
+    annotations = meta.get("annotations") or {}
+    if CLAIMS_ANNOTATION in annotations:
+        claims = frozenset(c for c in (annotations[CLAIMS_ANNOTATION] or "").split(",") if c)
+    return replace(node, labels=labels, claims=claims)
+
+
+def drop_holders(node: NodeView, holders: Iterable[str]) -> tuple[NodeView, dict[str, Any]]:
+    """Release the node for each of `holders` (fleets that no longer exist): the node after,
+    and the one patch that does it ({} when none of them holds it)."""
+    merged: dict[str, Any] = {}
+    for holder in sorted(set(holders) & node.claims):
+        patch = release_patch(node, holder)
+        node = patched(node, patch)
+        for part in ("labels", "annotations"):
+            if part in patch["metadata"]:
+                merged.setdefault(part, {}).update(patch["metadata"][part])
+        merged["resourceVersion"] = patch["metadata"]["resourceVersion"]
+    return node, ({"metadata": merged} if merged else {})

@@ -21,6 +21,7 @@ class Observed:
     deployment: Mapping[str, Any] | None
     pods: Sequence[Mapping[str, Any]]
     plan: ClaimPlan
+    not_owned: tuple[str, ...] = ()  # children's names taken by objects this fleet does not own
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
@@ -45,7 +46,9 @@ def _stamp(
     return conditions
 
 
-def placement(pods: Sequence[Mapping[str, Any]], processes_per_pod: int) -> list[dict[str, Any]]:
+def pods_per_node(
+    pods: Sequence[Mapping[str, Any]], processes_per_pod: int
+) -> list[dict[str, Any]]:
     """Scheduled, not terminating worker pods per node, and the worker processes they run."""
     per_node = Counter(
         pod["spec"]["nodeName"]
@@ -105,6 +108,18 @@ def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
     return _condition("GPUSharing", True, reason, f"profile {plan.profile} on {where}")
 
 
+def _owned_condition(not_owned: Sequence[str]) -> dict[str, Any]:
+    if not not_owned:
+        return _condition("ChildrenOwned", True, "AllOwned", "every child is this fleet's")
+    return _condition(
+        "ChildrenOwned",
+        False,
+        "NotOwned",
+        f"{', '.join(not_owned)} already exist and are not this fleet's: left alone "
+        "(rename the fleet, or delete them to let the fleet create its own)",
+    )
+
+
 def compute_status(
     spec: FleetSpec, observed: Observed, previous: Mapping[str, Any], now: str
 ) -> dict[str, Any]:
@@ -117,7 +132,9 @@ def compute_status(
     current = generation == observed.generation
     ready = current and rolled_out and desired == spec.replicas
     ready = ready and counts["readyReplicas"] >= spec.replicas
-    if ready:
+    if observed.not_owned:
+        ready, ready_reason = False, "NotOwned"
+    elif ready:
         ready_reason = "AllWorkersReady"
     elif not capacity.fits:
         ready_reason = capacity.reason
@@ -148,6 +165,7 @@ def compute_status(
         ),
         _condition("GPUCapacity", capacity.fits, capacity.reason, capacity.message()),
         _sharing_condition(plan),
+        _owned_condition(observed.not_owned),
     ]
     status: dict[str, Any] = {
         **counts,
@@ -160,7 +178,7 @@ def compute_status(
             "nodes": list(plan.hold),
             "summary": capacity.summary(),
         },
-        "placement": placement(observed.pods, spec.processes_per_pod),
+        "placement": pods_per_node(observed.pods, spec.processes_per_pod),
         "conditions": _stamp(
             conditions, previous.get("conditions") or [], observed.generation, now
         ),
@@ -170,16 +188,17 @@ def compute_status(
     return status
 
 
-def invalid_status(
-    message: str, generation: int, previous: Mapping[str, Any], now: str
+def failed_status(
+    reason: str, message: str, generation: int, previous: Mapping[str, Any], now: str
 ) -> dict[str, Any]:
-    """Status of a fleet whose spec cannot work: Ready False with the reason, the rest untouched."""
+    """Status of a fleet that could not be reconciled (InvalidSpec, or what the API refused):
+    Ready False and Degraded True with the reason and message, the rest untouched."""
     conditions = [
         c for c in previous.get("conditions") or [] if c.get("type") not in ("Ready", "Degraded")
     ]
     fresh = [
-        _condition("Ready", False, "InvalidSpec", message),
-        _condition("Degraded", True, "InvalidSpec", message),
+        _condition("Ready", False, reason, message),
+        _condition("Degraded", True, reason, message),
     ]
     return {
         "conditions": conditions + _stamp(fresh, previous.get("conditions") or [], generation, now)
@@ -187,7 +206,12 @@ def invalid_status(
 
 
 # Conditions whose changes are worth an Event, and the Event type when the condition is False.
-_EVENTFUL = {"Ready": "Normal", "GPUCapacity": "Warning", "GPUSharing": "Warning"}
+_EVENTFUL = {
+    "Ready": "Normal",
+    "GPUCapacity": "Warning",
+    "GPUSharing": "Warning",
+    "ChildrenOwned": "Warning",
+}
 
 
 def condition_events(
