@@ -137,6 +137,8 @@ async def _guarded(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[s
     except Retry as error:
         raise kopf.TemporaryError(str(error), delay=1) from error
     except ApiError as error:
+        if error.will_not_heal:  # invalid or forbidden: the timer tries again, backing off
+            raise kopf.PermanentError(str(error)) from error
         raise kopf.TemporaryError(str(error), delay=reconciler.backoff_seconds(fleet)) from error
 
 

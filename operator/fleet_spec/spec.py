@@ -239,12 +239,3 @@ def parse_fleet(manifest: Mapping[str, Any]) -> FleetSpec:
         node_selector=dict(spec.get("nodeSelector", {})),
         tolerations=copy.deepcopy(spec.get("tolerations", [])),
     )
-
-
-def load_fleet(path: str | Path) -> FleetSpec:
-    """Read a fleet manifest from a YAML file and parse it."""
-    with Path(path).open(encoding="utf-8") as handle:
-        manifest = yaml.safe_load(handle)
-    if not isinstance(manifest, dict):
-        raise FleetSpecError([("<root>", f"{path} does not hold one YAML mapping")])
-    return parse_fleet(manifest)

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import yaml
+from fleet_local.manifest import read_fleet
 from fleet_spec import cel_rules
 from fleet_spec import spec as fleet_spec
-from fleet_spec.spec import FleetSpecError, load_fleet, parse_fleet
+from fleet_spec.spec import FleetSpecError, parse_fleet
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
 
@@ -39,7 +40,7 @@ def test_minimal_fleet_gets_every_default() -> None:
 
 
 def test_example_fleet_parses() -> None:
-    fleet = load_fleet(EXAMPLE)
+    fleet = read_fleet(EXAMPLE)
     assert fleet.name == "detector"
     assert fleet.gpu.product == "NVIDIA-RTX-6000-Ada-Generation"
     assert fleet.gpu.sharing == "timeSlicing"
@@ -139,7 +140,7 @@ def test_load_fleet_rejects_a_non_mapping(tmp_path: Path) -> None:
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(["not", "a", "fleet"]))
     with pytest.raises(FleetSpecError, match="mapping"):
-        load_fleet(path)
+        read_fleet(path)
 
 
 def test_object_defaults_spell_out_their_fields_defaults() -> None:
