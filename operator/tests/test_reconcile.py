@@ -7,10 +7,17 @@ import copy
 from typing import Any
 
 import pytest
-from fleet_operator.decide import Settings
+from fleet_operator.decide import Settings, covers, owns
 from fleet_operator.kube import ApiError, ConfigMapRef
 from fleet_operator.kube_fake import FakeKube
-from fleet_operator.names import CLAIMS_ANNOTATION, DEVICE_PLUGIN_LABEL, PROFILE_LABEL
+from fleet_operator.names import (
+    CLAIMS_ANNOTATION,
+    DEVICE_PLUGIN_LABEL,
+    FLEET_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_VALUE,
+    PROFILE_LABEL,
+)
 from fleet_operator.reconcile import Reconciler, Retry, SpecInvalid
 
 ADA = "NVIDIA-RTX-6000-Ada-Generation"
@@ -260,3 +267,29 @@ def test_an_invalid_write_says_so(kube: FakeKube, reconciler: Reconciler) -> Non
         run(reconciler, kube)
     assert caught.value.will_not_heal
     assert condition(kube, "Ready")["reason"] == "Invalid"
+
+
+@pytest.mark.parametrize(
+    ("observed", "desired", "covered"),
+    [
+        ({"a": 1, "b": 2}, {"a": 1}, True),
+        ({"limits": {"nvidia.com/gpu": "1"}}, {"limits": {"nvidia.com/gpu": 1}}, True),
+        ({}, {"publishNotReadyAddresses": False}, True),  # the API leaves false out
+        ({"replicas": 7}, {"replicas": 2}, False),
+        ({"args": ["--a", "1"]}, {"args": ["--a", "1", "--b"]}, False),
+        ({}, {"image": "worker:1"}, False),
+    ],
+)
+def test_covers_is_a_subset_test(observed: Any, desired: Any, covered: bool) -> None:
+    assert covers(observed, desired) is covered
+
+
+def test_a_child_with_our_labels_and_no_controller_is_ours() -> None:
+    body = fleet()
+    body["metadata"]["uid"] = "new"
+    labels = {MANAGED_BY: MANAGED_BY_VALUE, FLEET_LABEL: "detector"}
+    assert owns(body, {"metadata": {"labels": labels}})
+    assert owns(body, {"metadata": {"ownerReferences": [{"uid": "new", "controller": True}]}})
+    assert not owns(body, {"metadata": {"labels": {**labels, FLEET_LABEL: "other"}}})
+    old_owner = {"labels": labels, "ownerReferences": [{"uid": "old", "controller": True}]}
+    assert not owns(body, {"metadata": old_owner})
