@@ -146,6 +146,8 @@ def _children(
                 deployment = observed
             if not covers(observed, manifest):
                 applies.append(Apply(manifest, force=True))
+    if not_owned:  # no worker pods while their config or Service may be someone else's
+        applies = [a for a in applies if a.manifest["kind"] != "Deployment"]
     return applies, not_owned, deployment
 
 

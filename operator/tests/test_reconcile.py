@@ -149,6 +149,17 @@ def test_an_object_someone_else_made_is_left_alone(kube: FakeKube, reconciler: R
     assert ("Service", "vision", "detector") in kube.objects  # the rest is made
 
 
+def test_no_pods_are_made_on_a_config_someone_else_owns(
+    kube: FakeKube, reconciler: Reconciler
+) -> None:
+    theirs = {"kind": "ConfigMap", "metadata": {"name": "detector-batching", "namespace": "vision"}}
+    kube.objects[("ConfigMap", "vision", "detector-batching")] = copy.deepcopy(theirs)
+    kube.add_fleet(fleet())
+    run(reconciler, kube)
+    assert ("Deployment", "vision", "detector") not in kube.objects
+    assert kube.objects[("ConfigMap", "vision", "detector-batching")] == theirs
+
+
 def test_an_object_that_appears_between_look_and_write_is_not_taken(
     kube: FakeKube, reconciler: Reconciler
 ) -> None:
