@@ -107,6 +107,13 @@ class Reconciler:
         )
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._failures: dict[str, _Failures] = {}
+        # The status last written, by fleet uid: only this operator writes it, so it is the
+        # current one even when the watch has not delivered it yet.
+        self._written: dict[str, Mapping[str, Any]] = {}
+
+    def _with_written_status(self, fleet: Mapping[str, Any]) -> Mapping[str, Any]:
+        written = self._written.get(fleet["metadata"].get("uid", ""))
+        return fleet if written is None else {**fleet, "status": written}
 
     def backing_off(self, fleet: Mapping[str, Any]) -> float:
         """Seconds left before a fleet that failed may be tried again (0: go ahead). A new
@@ -123,9 +130,15 @@ class Reconciler:
         key = fleet_id(meta["namespace"], meta["name"])
         with self._locks[key]:
             try:
-                obs = replace(obs, device_plugin=self.kube.configmap_data(self.device_plugin))
+                obs = replace(
+                    obs,
+                    fleet=self._with_written_status(obs.fleet),
+                    device_plugin=self.kube.configmap_data(self.device_plugin),
+                )
                 decision = decide(obs, self.settings, self.clock())
                 act(decision, obs.fleet, self.kube, self.device_plugin)
+                if decision.status is not None:
+                    self._written[meta.get("uid", "")] = decision.status
             except ApiError as error:
                 self._failed(obs.fleet, error)
                 raise
@@ -144,6 +157,7 @@ class Reconciler:
             act(decision, obs.fleet, self.kube, self.device_plugin)
         self._locks.pop(key, None)
         self._failures.pop(key, None)
+        self._written.pop(meta.get("uid", ""), None)
         return [name for name, _ in decision.node_patches]
 
     def _failed(self, fleet: Mapping[str, Any], error: ApiError) -> None:
@@ -163,10 +177,11 @@ class Reconciler:
         self.kube.post_event(fleet, "Warning", reason, str(error))
         if "status" in error.action:
             return
-        previous: Mapping[str, Any] = fleet.get("status") or {}
+        previous: Mapping[str, Any] = self._with_written_status(fleet).get("status") or {}
         status = failed_status(reason, str(error), generation, previous, self.clock())
         try:
             self.kube.patch_fleet_status(meta["namespace"], meta["name"], status)
+            self._written[meta.get("uid", "")] = status
         except ApiError as also:
             log.error("fleet %s: could not report the failure in status: %s", key, also)
 

@@ -4,6 +4,7 @@ children deleted by hand or taken by someone else, API refusals, and a pass at r
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -304,3 +305,16 @@ def test_a_child_with_our_labels_and_no_controller_is_ours() -> None:
     assert not owns(body, {"metadata": {"labels": {**labels, FLEET_LABEL: "other"}}})
     old_owner = {"labels": labels, "ownerReferences": [{"uid": "old", "controller": True}]}
     assert not owns(body, {"metadata": old_owner})
+
+
+def test_a_look_older_than_the_last_status_written_repeats_no_event(
+    kube: FakeKube, reconciler: Reconciler
+) -> None:
+    kube.add_fleet(fleet())
+    stale = kube.observe("vision", "detector")  # before any status was written
+    run(reconciler, kube)
+    run(reconciler, kube)
+    events, kube.writes[:] = list(kube.events), []
+    reconciler.reconcile(replace(kube.observe("vision", "detector"), fleet=stale.fleet))
+    assert kube.events == events
+    assert not any(w.startswith("patch status") for w in kube.writes)
