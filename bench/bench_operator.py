@@ -197,7 +197,9 @@ def at_rest(bench: Bench, counts: Path, fleets: int, seconds: float) -> dict[str
         for name in names
     ]
     start = time.perf_counter()
-    bench.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents))
+    for first in range(0, len(documents), 10):  # small batches: a busy apiserver is slow
+        batch = yaml.safe_dump_all(documents[first : first + 10])
+        bench.cluster.kubectl("apply", "-f", "-", input=batch, timeout=600)
     for name in names:
         poll(f"fleet {name} Ready", functools.partial(bench.ready, name), 900, interval=0.2)
     all_ready = time.perf_counter() - start
@@ -208,7 +210,9 @@ def at_rest(bench: Bench, counts: Path, fleets: int, seconds: float) -> dict[str
     minutes = (t1 - t0) / 60
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     delta = {k: v for k, v in sorted(delta.items(), key=lambda kv: -kv[1]) if v}
-    bench.cluster.kubectl("delete", "ifleet", "--all", "-n", bench.namespace, "--timeout=600s")
+    bench.cluster.kubectl(
+        "delete", "ifleet", "--all", "-n", bench.namespace, "--timeout=900s", timeout=960
+    )
     return {
         "fleets": fleets,
         "all_ready_s": round(all_ready, 1),
@@ -245,12 +249,17 @@ def main(argv: list[str]) -> int:
         process, _ = start_operator(cluster, namespace, log, counts)
         bench = Bench(cluster, namespace)
         figures = measure(bench, args.replicas, args.scales)
+        print(json.dumps(figures), file=sys.stderr, flush=True)
         if args.fleets:
             figures["at_rest"] = at_rest(bench, counts, args.fleets, args.rest_seconds)
     finally:
         if process is not None:
             process.terminate()
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
         core.delete_namespace(namespace)
         cluster.close()
         if started:
