@@ -121,7 +121,7 @@ def start_operator(
         except OSError:
             return False
 
-    poll("the operator's liveness endpoint", healthy, timeout=60, interval=0.2)
+    poll("the operator's liveness endpoint", healthy, timeout=300, interval=0.2)
     return process, url
 
 
