@@ -10,13 +10,15 @@ function a rule calls that neither provides (a unit test keeps that empty).
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import cel
-import cel.stdlib
+if TYPE_CHECKING:
+    import cel
 
 # Kubernetes' resource.Quantity grammar: a signed decimal and a binary, decimal or exponent suffix.
 _QUANTITY = re.compile(
@@ -62,13 +64,22 @@ STANDARD_FUNCTIONS = frozenset(
 
 
 @functools.cache
+def _cel() -> ModuleType:
+    """The CEL library, imported on first use (it is slow to import, and most commands that
+    load fleet_spec never validate a fleet)."""
+    return importlib.import_module("cel")
+
+
+@functools.cache
 def _program(rule: str) -> cel.Program:
-    return cel.compile(rule)
+    program: cel.Program = _cel().compile(rule)
+    return program
 
 
 def _context(value: Any) -> cel.Context:
-    context = cel.Context({"self": value}, dict(KUBERNETES_FUNCTIONS))
-    cel.stdlib.add_stdlib_to_context(context)
+    library = _cel()
+    context: cel.Context = library.Context({"self": value}, dict(KUBERNETES_FUNCTIONS))
+    library.stdlib.add_stdlib_to_context(context)
     return context
 
 
@@ -82,7 +93,7 @@ def unsupported(rule: str) -> set[str]:
     }
 
 
-def _message(rule: Mapping[str, Any], context: cel.Context) -> str:
+def _message(rule: Mapping[str, Any], context: cel.Context | None) -> str:
     if "messageExpression" in rule:
         try:
             return str(_program(rule["messageExpression"]).execute(context))
@@ -95,7 +106,7 @@ def rule_errors(value: Any, schema: Mapping[str, Any], where: str) -> list[tuple
     """(field, message) for every rule under `schema` that `value` breaks, depth first."""
     errors: list[tuple[str, str]] = []
     declared = schema.get("x-kubernetes-validations", [])
-    context = _context(value) if declared else cel.Context()
+    context = _context(value) if declared else None
     for rule in declared:
         program = _program(rule["rule"])
         if "oldSelf" in program.variables():
