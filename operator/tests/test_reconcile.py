@@ -318,3 +318,15 @@ def test_a_look_older_than_the_last_status_written_repeats_no_event(
     reconciler.reconcile(replace(kube.observe("vision", "detector"), fleet=stale.fleet))
     assert kube.events == events
     assert not any(w.startswith("patch status") for w in kube.writes)
+
+
+def test_passes_see_the_claims_written_before_the_watch_shows_them(
+    kube: FakeKube, reconciler: Reconciler
+) -> None:
+    kube.add_fleet(fleet("one", replicas=1))
+    kube.add_fleet(fleet("two", replicas=1))
+    stale = kube.observe("vision", "two")  # taken before "one" claimed the node
+    run(reconciler, kube, "one")
+    reconciler.reconcile(stale)  # no conflict: the pass uses the node "one" wrote
+    claims = kube.nodes["ada-0"]["metadata"]["annotations"][CLAIMS_ANNOTATION]
+    assert claims == "vision/one,vision/two"
