@@ -188,9 +188,7 @@ _LABEL_NAME = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
-_LABEL_NAME_RULE = (
-    "k.matches('" + _LABEL_NAME.replace("\\", "\\\\") + "') && k.indexOf('/') <= 253"
-)
+_LABEL_NAME_RULE = "k.matches('" + _LABEL_NAME.replace("\\", "\\\\") + "') && k.indexOf('/') <= 253"
 _CONTAINER_RESOURCES = ("cpu", "memory", "ephemeral-storage")
 
 
