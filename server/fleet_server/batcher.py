@@ -23,10 +23,10 @@ from typing import Protocol
 
 import numpy as np
 from fleet_proto.tensors import Frames, Logits
+from fleet_spec.contract import BatchSettings
 
 from fleet_server import metrics
-from fleet_server.errors import DeadlineExpired, NotReady, QueueFull
-from fleet_server.settings import BatchSettings
+from fleet_server.errors import DeadlineExpired, NotReady, QueueFull, TooLarge
 from fleet_server.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,8 @@ class Batcher:
             raise NotReady("the worker is not accepting requests (warming up or shutting down)")
         n = int(frames.shape[0])
         limit = self.settings.max_queue_size
+        if n > limit:
+            raise TooLarge(f"{n} frames can never fit the queue of maxQueueSize {limit} frames")
         if self._queue.frames + n > limit:
             raise QueueFull(
                 f"queue full: {self._queue.frames} frames waiting, {n} more would exceed "

@@ -67,7 +67,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._idle.clear()
         try:
             batcher, info = self._serving()
-            return batcher.submit(protocol.frames_from_request(info, request), deadline)
+            frames = protocol.frames_from_request(info, request, batcher.settings.max_queue_size)
+            return batcher.submit(frames, deadline)
         except Exception as exc:
             refused: asyncio.Future[Logits] = asyncio.get_running_loop().create_future()
             refused.set_exception(exc)

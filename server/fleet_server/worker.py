@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -18,6 +17,12 @@ from pathlib import Path
 import grpc
 from fleet_proto import inference_pb2 as pb
 from fleet_proto import inference_pb2_grpc as pb_grpc
+from fleet_spec.contract import (
+    HEALTH_SERVICE,
+    SettingsError,
+    WorkerSettings,
+    load_batching_file,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -27,33 +32,12 @@ from fleet_server.batcher import Batcher
 from fleet_server.models import load_model
 from fleet_server.runner import ModelRunner, resolve_device, resolve_dtype
 from fleet_server.servicer import InferenceServicer
-from fleet_server.settings import BatchSettings, SettingsError, load_settings_file
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_SERVICES = ("", HEALTH_SERVICE)
 GPU_MEMORY_INTERVAL_S = 5.0
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """Everything one worker process needs (serve.py builds it from the command line)."""
-
-    model: str
-    model_name: str
-    host: str = "0.0.0.0"
-    port: int = 8001
-    device: str = "auto"
-    precision: str = "fp32"
-    image_size: int = 224
-    batching: BatchSettings = field(default_factory=BatchSettings)
-    batching_file: Path | None = None
-    watch_interval_s: float = 1.0
-    max_message_bytes: int = 64 * 1024 * 1024
-    grace_period_s: float = 30.0
-    worker_index: int = 0
-    reuse_port: bool = False
 
 
 def _version() -> str:
@@ -63,7 +47,7 @@ def _version() -> str:
         return "0"
 
 
-def _build_runner(config: WorkerConfig) -> ModelRunner:
+def _build_runner(config: WorkerSettings) -> ModelRunner:
     device = resolve_device(config.device, config.worker_index)
     dtype = resolve_dtype(config.precision, device)
     runner = ModelRunner(
@@ -76,9 +60,9 @@ def _build_runner(config: WorkerConfig) -> ModelRunner:
 class Worker:
     """A gRPC server for one model; `run` returns when the server stopped after SIGTERM/stop()."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerSettings) -> None:
         self.config = config
-        self.servicer = InferenceServicer(config.model_name, _version())
+        self.servicer = InferenceServicer(config.served_name, _version())
         self.health = health_aio.HealthServicer()
         self.port = 0
         self._stop = asyncio.Event()
@@ -116,21 +100,24 @@ class Worker:
             ),
             server,
         )
-        address = f"{config.host}:{config.port}"
+        address = grpc_address(config.host, config.port)
         try:
             self.port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ValueError(f"cannot listen on {address}: {exc}") from exc
         await self._set_health(False)
         await server.start()
-        log.info("listening on %s:%d (NOT_SERVING until the model is warm)", config.host, self.port)
+        log.info(
+            "listening on %s (NOT_SERVING until the model is warm)",
+            grpc_address(config.host, self.port),
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
 
         batcher = await self._load(config)
         watcher = None
-        if config.batching_file is not None:
+        if config.batching_config is not None:
             watcher = asyncio.create_task(self._watch_batching(batcher))
         # The model and everything built so far live for the whole process: move them out of
         # the cyclic collector's way, so its passes stay short while serving.
@@ -138,7 +125,7 @@ class Worker:
         gc.freeze()
         if not self._stop.is_set():
             await self._set_health(True)
-            log.info("SERVING model %r on port %d", config.model_name, self.port)
+            log.info("SERVING model %r on port %d", config.served_name, self.port)
         await self._stop.wait()
 
         log.info("shutting down: NOT_SERVING, draining for up to %.1fs", config.grace_period_s)
@@ -158,20 +145,20 @@ class Worker:
         await batcher.close()
         log.info("stopped")
 
-    async def _load(self, config: WorkerConfig) -> Batcher:
+    async def _load(self, config: WorkerSettings) -> Batcher:
         started = time.perf_counter()
         settings = config.batching
-        if config.batching_file is not None and config.batching_file.exists():
-            settings = load_settings_file(config.batching_file, settings)
+        if config.batching_config is not None and config.batching_config.exists():
+            settings = load_batching_file(config.batching_config, settings)
         runner = await asyncio.to_thread(_build_runner, config)
-        batcher = Batcher(runner, settings, model=config.model_name, stats=self.servicer.stats)
+        batcher = Batcher(runner, settings, model=config.served_name, stats=self.servicer.stats)
         await batcher.start()
         loaded = time.perf_counter() - started
-        metrics.MODEL_LOAD_SECONDS.labels(model=config.model_name).set(loaded)
+        metrics.MODEL_LOAD_SECONDS.labels(model=config.served_name).set(loaded)
         if runner.device.type == "cuda":
             self._gpu_memory = asyncio.create_task(self._report_gpu_memory(runner))
         self.servicer.info = protocol.ModelInfo(
-            config.model_name, config.image_size, runner.num_classes, runner.device.type == "cuda"
+            config.served_name, config.image_size, runner.num_classes, runner.device.type == "cuda"
         )
         self.servicer.batcher = batcher
         log.info(
@@ -184,7 +171,7 @@ class Worker:
 
     async def _report_gpu_memory(self, runner: ModelRunner) -> None:
         gauge = metrics.GPU_MEMORY_ALLOCATED.labels(
-            model=self.config.model_name, device=str(runner.device)
+            model=self.config.served_name, device=str(runner.device)
         )
         while True:
             gauge.set(runner.gpu_memory_allocated() or 0)
@@ -192,7 +179,7 @@ class Worker:
 
     async def _watch_batching(self, batcher: Batcher) -> None:
         """Poll the batching file (a ConfigMap mount swaps a symlink) and apply changes live."""
-        path = self.config.batching_file
+        path = self.config.batching_config
         assert path is not None
         last = _read(path)
         while True:
@@ -202,12 +189,18 @@ class Worker:
                 continue
             last = text
             try:
-                settings = load_settings_file(path, batcher.settings)
+                settings = load_batching_file(path, batcher.settings)
             except SettingsError as exc:
                 log.error("keeping the current batching settings: %s", exc)
                 continue
             await batcher.apply(settings)
             log.info("batching settings applied: %s", settings)
+
+
+def grpc_address(host: str, port: int) -> str:
+    """host:port for gRPC, with an IPv6 literal in brackets ([::]:8001)."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _read(path: Path) -> str | None:
@@ -217,7 +210,7 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def run_worker(config: WorkerConfig) -> int:
+def run_worker(config: WorkerSettings) -> int:
     """Run one worker in this process until SIGTERM; 0 after a clean drain."""
     logging.basicConfig(
         level=logging.INFO,
