@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fleet_spec.contract import BatchSettings
 from fleet_spec.spec import FleetSpec
@@ -112,6 +113,26 @@ class Fleet:
         including those a scale-down was stopping when it was interrupted."""
         every = [*self.workers.values(), *self._retiring]
         await asyncio.gather(*(w.stop(self.kill_after_s) for w in every))
+
+
+def status_document(fleet: Fleet, stopped: bool = False) -> dict[str, Any]:
+    """The fleet's state for programs (`run --status-file`): the batching it applies, and per
+    worker its pid, address, state and restarts."""
+    return {
+        "stopped": stopped,
+        "ready": fleet.all_ready() and not stopped,
+        "batching": fleet.spec.batching.to_mapping(),
+        "workers": [
+            {
+                "name": worker.plan.name,
+                "pid": worker.pid,
+                "address": worker.address,
+                "state": "stopped" if stopped else worker.state,
+                "restarts": worker.restarts,
+            }
+            for worker in fleet.ordered()
+        ],
+    }
 
 
 def _batching_text(batching: BatchSettings) -> str:

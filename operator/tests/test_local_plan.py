@@ -21,7 +21,7 @@ from fleet_local.plan import (
 )
 from fleet_local.run import RefusedError, preflight
 from fleet_local.run import main as run_main
-from fleet_local.scrape import Rates, Sample, histogram_quantile, parse_metrics
+from fleet_local.scrape import Rates, histogram_quantile, parse_metrics
 from fleet_spec.contract import WorkerSettings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
@@ -166,4 +166,7 @@ def test_histogram_quantile_edges() -> None:
     assert math.isnan(histogram_quantile(0.99, ()))
     assert histogram_quantile(0.5, ((0.1, 10.0), (math.inf, 10.0))) == pytest.approx(0.05)
     assert histogram_quantile(0.99, ((0.1, 0.0), (math.inf, 4.0))) == 0.1
-    assert Sample(0.0, 0.0, ()).frames == 0.0
+    # 10 requests <= 0.1 s, 10 more <= 1 s: the 15th lies halfway through the second bucket
+    buckets = ((0.1, 10.0), (1.0, 20.0), (math.inf, 20.0))
+    assert histogram_quantile(0.75, buckets) == pytest.approx(0.55)
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
