@@ -34,6 +34,12 @@ class QueueFull(InferenceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class TooManyCalls(InferenceError):
+    """The worker serves --max-concurrent-rpcs calls and streams already."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class NotReady(InferenceError):
     """The worker is still warming up, or draining after SIGTERM."""
 

@@ -21,6 +21,7 @@ from fleet_spec.cpus import available_cpus
 
 log = logging.getLogger("fleet_server.serve")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+SUPERVISOR_ENV = "INFERENCEFLEET_SUPERVISOR_PID"  # set by `serve --workers N` for its children
 
 
 def main(argv: list[str]) -> int:
@@ -28,8 +29,8 @@ def main(argv: list[str]) -> int:
     if not settings.model.startswith(BUILTIN_PREFIX) and not Path(settings.model).is_file():
         print(f"inferencefleet serve: --model {settings.model!r}: no such file", file=sys.stderr)
         return 2
-    if settings.reuse_port:  # started by _supervise: before torch loads (it takes seconds)
-        _die_with_parent()
+    if settings.reuse_port and not _die_with_parent():  # before torch loads (it takes seconds)
+        return 0
     threads = settings.threads or max(1, available_cpus() // settings.workers)
     if settings.workers > 1:
         return _supervise(settings, threads)
@@ -49,15 +50,17 @@ def bind_host(host: str) -> str:
     return "::"
 
 
-def _die_with_parent() -> None:
+def _die_with_parent() -> bool:
     """A supervised worker gets SIGTERM (and drains) if its supervisor dies (Linux only). Set
     first thing, before torch loads: a supervisor killed during those seconds must not leave
-    its workers behind."""
+    its workers behind. False if the supervisor is gone already (before prctl took effect)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         log.warning("cannot ask to be stopped with the supervisor (no prctl)")
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    return supervisor is None or os.getppid() == int(supervisor)
 
 
 def _serve_one(settings: WorkerSettings) -> int:
@@ -94,6 +97,7 @@ def _supervise(settings: WorkerSettings, threads: int) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s")
     metrics_dir = tempfile.mkdtemp(prefix="inferencefleet-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())
     from fleet_server import metrics  # after PROMETHEUS_MULTIPROC_DIR: multiprocess mode
 
     children: dict[int, subprocess.Popen[bytes]] = {}

@@ -4,7 +4,6 @@ batching file, and on SIGTERM drain in-flight calls within the grace period and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -38,6 +37,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICES = ("", HEALTH_SERVICE)
 GPU_MEMORY_INTERVAL_S = 5.0
+# Start-up warms batch sizes for at most this long, then serves and warms the rest in the
+# background: well inside the 300 s the pod's startup probe allows.
+WARM_BUDGET_S = 120.0
+# After the drain, calls still open (a health Watch) get this long before they are cancelled;
+# every inference answer has been handed to gRPC by then and is written meanwhile.
+FLUSH_S = 1.0
 
 
 def _version() -> str:
@@ -62,11 +67,23 @@ class Worker:
 
     def __init__(self, config: WorkerSettings) -> None:
         self.config = config
-        self.servicer = InferenceServicer(config.served_name, _version())
+        self.servicer = InferenceServicer(
+            config.served_name, _version(), max_concurrent_rpcs=config.max_concurrent_rpcs
+        )
         self.health = health_aio.HealthServicer()
         self.port = 0
         self._stop = asyncio.Event()
         self._gpu_memory: asyncio.Task[None] | None = None
+        self._serving = False
+        self._health_updates: set[asyncio.Task[None]] = set()
+
+    def _on_model_health(self, healthy: bool) -> None:
+        """The batcher's verdict changed: forward passes keep failing, or work again."""
+        if not self._serving or self._stop.is_set():
+            return
+        task = asyncio.get_running_loop().create_task(self._set_health(healthy))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
 
     async def _set_health(self, serving: bool) -> None:
         status = (
@@ -124,24 +141,28 @@ class Worker:
         gc.collect()
         gc.freeze()
         if not self._stop.is_set():
-            await self._set_health(True)
+            self._serving = True
+            await self._set_health(batcher.healthy)
             log.info("SERVING model %r on port %d", config.served_name, self.port)
         await self._stop.wait()
 
         log.info("shutting down: NOT_SERVING, draining for up to %.1fs", config.grace_period_s)
-        self.servicer.draining = True
+        self.servicer.begin_drain()
         await self.health.enter_graceful_shutdown()
         for task in (watcher, self._gpu_memory):
             if task is not None:
                 task.cancel()
-        # stop() refuses new calls at once and gives running ones the grace period; once no
-        # inference is in flight, a second stop(0) ends what is left (e.g. health Watch streams).
-        stopping = asyncio.create_task(server.stop(config.grace_period_s))
-        with contextlib.suppress(TimeoutError):
+        # New calls get UNAVAILABLE from the servicer; open calls finish and open streams answer
+        # what they admitted, then end. Once every handler has returned, its answer is with
+        # gRPC: stop() gives what is left (a health Watch) FLUSH_S and closes the server.
+        started = time.perf_counter()
+        try:
             async with asyncio.timeout(config.grace_period_s):
                 await self.servicer.wait_idle()
-        await server.stop(0)
-        await stopping
+        except TimeoutError:
+            log.warning("grace period over with %d calls open: cancelling them", self.servicer.rpcs)
+        left = max(0.0, config.grace_period_s - (time.perf_counter() - started))
+        await server.stop(min(FLUSH_S, left))
         await batcher.close()
         log.info("stopped")
 
@@ -151,8 +172,14 @@ class Worker:
         if config.batching_config is not None and config.batching_config.exists():
             settings = load_batching_file(config.batching_config, settings)
         runner = await asyncio.to_thread(_build_runner, config)
-        batcher = Batcher(runner, settings, model=config.served_name, stats=self.servicer.stats)
-        await batcher.start()
+        batcher = Batcher(
+            runner,
+            settings,
+            model=config.served_name,
+            stats=self.servicer.stats,
+            on_health=self._on_model_health,
+        )
+        await batcher.start(WARM_BUDGET_S)
         loaded = time.perf_counter() - started
         metrics.MODEL_LOAD_SECONDS.labels(model=config.served_name).set(loaded)
         if runner.device.type == "cuda":
@@ -190,10 +217,13 @@ class Worker:
             last = text
             try:
                 settings = load_batching_file(path, batcher.settings)
+                batcher.apply(settings)
             except SettingsError as exc:
                 log.error("keeping the current batching settings: %s", exc)
                 continue
-            await batcher.apply(settings)
+            except Exception:  # never let one edit end the watching of every later one
+                log.exception("applying batching settings from %s failed", path)
+                continue
             log.info("batching settings applied: %s", settings)
 
 

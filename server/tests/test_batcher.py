@@ -167,7 +167,8 @@ def test_live_settings_warm_up_a_larger_batch(tiny_reference: ModelRunner, frame
     async def go() -> tuple[int, int]:
         batcher = await started(tiny_reference, max_batch_size=2)
         try:
-            await batcher.apply(BatchSettings(max_batch_size=5))
+            batcher.apply(BatchSettings(max_batch_size=5))
+            await batcher.wait_warm()
             await batcher.infer(frames(5, seed=2))
             return batcher.settings.max_batch_size, max(batcher.stats.batches)
         finally:

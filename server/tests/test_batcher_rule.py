@@ -1,6 +1,8 @@
-"""The batcher's waiting rule, step by step, with a model the test opens and closes: dispatch at
-once when idle, gather while busy, a full batch leaves at once, a partial one waits for more but
-never past maxQueueDelay. No clock is read: the test counts event-loop turns and batches."""
+"""The batcher's rules, step by step, with a model the test opens and closes: dispatch at once
+when idle, gather while busy, a full batch leaves at once, a partial one waits for more but never
+past maxQueueDelay; a larger maxBatchSize is warmed in the background while batches stay within
+the warm sizes; forward passes that keep failing make it unhealthy. No clock is read: the test
+counts event-loop turns and batches."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import asyncio
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
+import pytest
 from fleet_proto.tensors import Frames, Logits
-from fleet_server.batcher import Batcher
+from fleet_server.batcher import FAILURES_UNHEALTHY, Batcher
 from fleet_spec.contract import BatchSettings
 
 GATE_TIMEOUT_S = 60.0  # only a broken batcher ever waits this long
@@ -21,21 +25,31 @@ class GatedModel:
     """A model whose every forward pass waits until the test opens the gate once for it.
     Its logits are each frame's first pixel, so every caller can check it got its own rows."""
 
-    warmed_batch_size = 256
-
-    def __init__(self) -> None:
-        self.entered: queue.Queue[int] = queue.Queue()
+    def __init__(self, warmed: int = 256, failing_warm_up: bool = False) -> None:
+        self.warmed_batch_size = warmed
+        self.entered: queue.Queue[int] = queue.Queue()  # batch sizes; -N: warm-up of size N
+        self.failing = False
+        self._failing_warm_up = failing_warm_up
         self._gate = threading.Semaphore(0)
+
+    def _pass(self, size: int) -> None:
+        self.entered.put(size)
+        if not self._gate.acquire(timeout=GATE_TIMEOUT_S):
+            raise TimeoutError("the test never opened the gate")
 
     def infer(self, parts: Sequence[Frames]) -> Logits:
         frames = np.concatenate(list(parts))
-        self.entered.put(len(frames))
-        if not self._gate.acquire(timeout=GATE_TIMEOUT_S):
-            raise TimeoutError("the test never opened the gate")
+        self._pass(len(frames))
+        if self.failing:
+            raise RuntimeError("device error")
         return frames[:, 0, 0, :1].astype(np.float32)
 
     def warm_up(self, max_batch_size: int) -> None:
-        raise AssertionError("never called: warmed_batch_size covers every size")
+        size = self.warmed_batch_size + 1
+        self._pass(-size)
+        if self._failing_warm_up:
+            raise RuntimeError(f"out of memory warming batch size {size}")
+        self.warmed_batch_size = size
 
     def open(self) -> None:
         """Let one forward pass finish."""
@@ -56,10 +70,16 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def run(settings: BatchSettings, body: Callable[[Batcher, GatedModel], Awaitable[None]]) -> None:
-    async def go() -> None:
-        model = GatedModel()
-        batcher = Batcher(model, settings, model="gated")
+def run(
+    settings: BatchSettings,
+    body: Callable[[Batcher, GatedModel], Awaitable[None]],
+    model: GatedModel | None = None,
+) -> list[bool]:
+    """Run `body` against a started batcher; returns the health changes it reported."""
+    changes: list[bool] = []
+
+    async def go(model: GatedModel) -> None:
+        batcher = Batcher(model, settings, model="gated", on_health=changes.append)
         await batcher.start()
         try:
             await body(batcher, model)
@@ -68,7 +88,8 @@ def run(settings: BatchSettings, body: Callable[[Batcher, GatedModel], Awaitable
                 model.open()
             await batcher.close()
 
-    asyncio.run(go())
+    asyncio.run(go(model or GatedModel()))
+    return changes
 
 
 def rows(logits: Logits) -> list[int]:
@@ -76,6 +97,7 @@ def rows(logits: Logits) -> list[int]:
 
 
 SLOW = BatchSettings(max_batch_size=3, max_queue_delay_us=1_000_000, max_queue_size=64)
+SMALL = BatchSettings(max_batch_size=2, max_queue_delay_us=0, max_queue_size=64)
 
 
 def test_idle_model_takes_a_lone_request_at_once() -> None:
@@ -155,3 +177,72 @@ def test_a_partial_batch_leaves_when_its_delay_is_over() -> None:
         assert rows(await second) == [2]
 
     run(BatchSettings(max_batch_size=3, max_queue_delay_us=20_000, max_queue_size=64), body)
+
+
+def test_a_larger_batch_size_applies_at_once_and_warms_between_batches() -> None:
+    model = GatedModel(warmed=2)
+
+    async def body(batcher: Batcher, model: GatedModel) -> None:
+        batcher.apply(replace(SMALL, max_batch_size=4))  # returns at once: nothing warmed yet
+        assert batcher.settings.max_batch_size == 4
+        assert await model.next_batch() == -3  # size 3 warms on the forward thread
+        request = batcher.submit(frame(7, count=4))
+        await settle()
+        model.open()  # size 3 is warm; the request went in batches of the warm size 2
+        assert await model.next_batch() == 2
+        model.open()
+        assert await model.next_batch() in (-4, 2)  # warming 4 and the rest of the request
+        model.open()
+        assert await model.next_batch() in (-4, 2)
+        model.open()
+        assert rows(await request) == [7, 7, 7, 7]
+        await batcher.wait_warm()
+        assert (model.warmed_batch_size, batcher.batch_limit) == (4, 4)
+        whole = batcher.submit(frame(8, count=4))
+        assert await model.next_batch() == 4
+        model.open()
+        assert rows(await whole) == [8] * 4
+
+    run(replace(SMALL, max_batch_size=2), body, model)
+
+
+def test_a_warm_up_that_fails_keeps_the_warm_sizes_and_later_edits_apply() -> None:
+    model = GatedModel(warmed=2, failing_warm_up=True)
+
+    async def body(batcher: Batcher, model: GatedModel) -> None:
+        batcher.apply(replace(SMALL, max_batch_size=4))
+        assert await model.next_batch() == -3
+        model.open()
+        await batcher.wait_warm()  # failed and logged, not raised
+        assert batcher.batch_limit == 2
+        request = batcher.submit(frame(5, count=3))
+        assert await model.next_batch() == 2
+        model.open()
+        assert await model.next_batch() == 1
+        model.open()
+        assert rows(await request) == [5, 5, 5]
+        batcher.apply(replace(SMALL, max_batch_size=1, max_queue_delay_us=0))
+        assert batcher.batch_limit == 1  # a later edit still applies
+
+    run(replace(SMALL, max_batch_size=2), body, model)
+
+
+def test_forward_passes_failing_in_a_row_make_it_unhealthy_until_one_works() -> None:
+    async def body(batcher: Batcher, model: GatedModel) -> None:
+        model.failing = True
+        for attempt in range(FAILURES_UNHEALTHY):
+            assert batcher.healthy, attempt
+            failed = batcher.submit(frame(1))
+            assert await model.next_batch() == 1
+            model.open()
+            with pytest.raises(RuntimeError, match="device error"):
+                await failed
+        assert not batcher.healthy
+        model.failing = False
+        works = batcher.submit(frame(2))
+        assert await model.next_batch() == 1
+        model.open()
+        assert rows(await works) == [2]
+        assert batcher.healthy
+
+    assert run(SMALL, body) == [False, True]
