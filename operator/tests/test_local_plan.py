@@ -22,6 +22,7 @@ from fleet_local.plan import (
 from fleet_local.run import RefusedError, preflight
 from fleet_local.run import main as run_main
 from fleet_local.scrape import Rates, histogram_quantile, parse_metrics
+from fleet_local.worker import dial_address
 from fleet_spec.contract import WorkerSettings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
@@ -170,3 +171,20 @@ def test_histogram_quantile_edges() -> None:
     buckets = ((0.1, 10.0), (1.0, 20.0), (math.inf, 20.0))
     assert histogram_quantile(0.75, buckets) == pytest.approx(0.55)
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("127.0.0.1", "127.0.0.1:8001"),
+        ("198.18.0.7", "198.18.0.7:8001"),
+        ("::1", "[::1]:8001"),
+        ("0.0.0.0", "127.0.0.1:8001"),
+        ("::", "127.0.0.1:8001"),
+    ],
+)
+def test_workers_are_health_checked_where_they_listen(host: str, address: str) -> None:
+    spec = replace(read_fleet(EXAMPLE), replicas=1)
+    plan = plan_workers(spec, CPU_HOST, Options(host=host), BATCHING)[0]
+    assert plan.settings.host == host
+    assert dial_address(plan.settings.host, plan.port) == address

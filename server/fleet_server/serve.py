@@ -21,7 +21,11 @@ from fleet_spec.cpus import available_cpus
 
 log = logging.getLogger("fleet_server.serve")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-SUPERVISOR_ENV = "INFERENCEFLEET_SUPERVISOR_PID"  # set by `serve --workers N` for its children
+# Set by `serve --workers N` for its processes: the supervisor's pid, the folder where each
+# process says whether it serves, and how many share the port (see worker.SiblingHealth).
+SUPERVISOR_ENV = "INFERENCEFLEET_SUPERVISOR_PID"
+HEALTH_DIR_ENV = "INFERENCEFLEET_HEALTH_DIR"
+WORKERS_ENV = "INFERENCEFLEET_WORKERS"
 
 
 def main(argv: list[str]) -> int:
@@ -98,6 +102,10 @@ def _supervise(settings: WorkerSettings, threads: int) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="inferencefleet-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ[SUPERVISOR_ENV] = str(os.getpid())
+    health_dir = Path(metrics_dir, "health")
+    health_dir.mkdir()
+    os.environ[HEALTH_DIR_ENV] = str(health_dir)
+    os.environ[WORKERS_ENV] = str(settings.workers)
     from fleet_server import metrics  # after PROMETHEUS_MULTIPROC_DIR: multiprocess mode
 
     children: dict[int, subprocess.Popen[bytes]] = {}

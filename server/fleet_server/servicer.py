@@ -8,16 +8,17 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from fleet_proto import inference_pb2 as pb
 from fleet_proto import inference_pb2_grpc as pb_grpc
 from fleet_proto.tensors import Logits
+from google.protobuf.message import DecodeError
 
 from fleet_server import metrics, protocol
 from fleet_server.batcher import Batcher
-from fleet_server.errors import NotReady, TooManyCalls, to_status
+from fleet_server.errors import InvalidInput, NotReady, TooManyCalls, to_status
 from fleet_server.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,45 @@ T = TypeVar("T")
 # stops reading that stream, so HTTP/2 flow control holds the client back: a client that sends
 # and never reads cannot grow the worker's memory.
 STREAM_WINDOW = 64
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# What an inference request whose bytes do not parse becomes (compared by identity).
+UNDECODABLE = pb.ModelInferRequest()
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse_or_mark(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return UNDECODABLE
+
+    return parse_or_mark
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the service as the generated code does, except that inference requests whose
+    bytes do not parse get INVALID_ARGUMENT (gRPC itself would answer UNKNOWN)."""
+
+    class Capture:
+        def __init__(self) -> None:
+            self.handlers: dict[str, Any] = {}
+
+        def add_generic_rpc_handlers(self, _: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, _: str, handlers: dict[str, Any]) -> None:
+            self.handlers = handlers
+
+    capture = Capture()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)  # type: ignore[no-untyped-call]
+    handlers = {
+        name: handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+        if name in ("ModelInfer", "ModelStreamInfer")
+        else handler
+        for name, handler in capture.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -102,6 +142,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._m_inflight.inc()
         self.inflight += 1
         try:
+            if request is UNDECODABLE:
+                raise InvalidInput("the request's bytes are not a valid ModelInferRequest")
             batcher, info = self._serving()
             frames = protocol.frames_from_request(info, request, batcher.settings.max_queue_size)
             return batcher.submit(frames, deadline)

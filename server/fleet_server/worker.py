@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 from fleet_proto import inference_pb2 as pb
-from fleet_proto import inference_pb2_grpc as pb_grpc
 from fleet_spec.contract import (
     HEALTH_SERVICE,
     SettingsError,
@@ -30,7 +29,8 @@ from fleet_server import metrics, protocol
 from fleet_server.batcher import Batcher
 from fleet_server.models import load_model
 from fleet_server.runner import ModelRunner, resolve_device, resolve_dtype
-from fleet_server.servicer import InferenceServicer
+from fleet_server.serve import HEALTH_DIR_ENV, WORKERS_ENV
+from fleet_server.servicer import InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,32 @@ WARM_BUDGET_S = 120.0
 # After the drain, calls still open (a health Watch) get this long before they are cancelled;
 # every inference answer has been handed to gRPC by then and is written meanwhile.
 FLUSH_S = 1.0
+SIBLING_CHECK_S = 1.0
+
+
+class SiblingHealth:
+    """Processes behind one port (`serve --workers N`): a probe reaches one of them at random,
+    so each answers for all: SERVING only while every process says it serves. Each writes its
+    own verdict to a file in a shared folder and reads the others'."""
+
+    def __init__(self, folder: Path, index: int, count: int) -> None:
+        self.folder, self.index, self.count = folder, index, count
+
+    @classmethod
+    def from_environment(cls, index: int) -> SiblingHealth | None:
+        folder, count = os.environ.get(HEALTH_DIR_ENV), os.environ.get(WORKERS_ENV)
+        if not folder or not count:
+            return None
+        return cls(Path(folder), index, int(count))
+
+    def publish(self, serving: bool) -> None:
+        path = self.folder / str(self.index)
+        temporary = self.folder / f".{self.index}.tmp"
+        temporary.write_text("SERVING" if serving else "NOT_SERVING")
+        os.replace(temporary, path)
+
+    def all_serving(self) -> bool:
+        return all(_read(self.folder / str(i)) == "SERVING" for i in range(self.count))
 
 
 def _version() -> str:
@@ -76,6 +102,8 @@ class Worker:
         self._gpu_memory: asyncio.Task[None] | None = None
         self._serving = False
         self._health_updates: set[asyncio.Task[None]] = set()
+        self._own_health = False
+        self._siblings = SiblingHealth.from_environment(config.worker_index)
 
     def _on_model_health(self, healthy: bool) -> None:
         """The batcher's verdict changed: forward passes keep failing, or work again."""
@@ -86,6 +114,14 @@ class Worker:
         task.add_done_callback(self._health_updates.discard)
 
     async def _set_health(self, serving: bool) -> None:
+        """This process's verdict; what the probes hear also counts its siblings'."""
+        self._own_health = serving
+        if self._siblings is not None:
+            self._siblings.publish(serving)
+        await self._report_health()
+
+    async def _report_health(self) -> None:
+        serving = self._own_health and (self._siblings is None or self._siblings.all_serving())
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -93,6 +129,11 @@ class Worker:
         )
         for name in HEALTH_SERVICES:
             await self.health.set(name, status)
+
+    async def _watch_siblings(self) -> None:
+        while True:
+            await asyncio.sleep(SIBLING_CHECK_S)
+            await self._report_health()
 
     def stop(self) -> None:
         """Begin the graceful shutdown (what SIGTERM does)."""
@@ -107,7 +148,7 @@ class Worker:
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -136,6 +177,9 @@ class Worker:
         watcher = None
         if config.batching_config is not None:
             watcher = asyncio.create_task(self._watch_batching(batcher))
+        siblings = None
+        if self._siblings is not None:
+            siblings = asyncio.create_task(self._watch_siblings())
         # The model and everything built so far live for the whole process: move them out of
         # the cyclic collector's way, so its passes stay short while serving.
         gc.collect()
@@ -148,8 +192,10 @@ class Worker:
 
         log.info("shutting down: NOT_SERVING, draining for up to %.1fs", config.grace_period_s)
         self.servicer.begin_drain()
+        if self._siblings is not None:
+            self._siblings.publish(False)
         await self.health.enter_graceful_shutdown()
-        for task in (watcher, self._gpu_memory):
+        for task in (watcher, siblings, self._gpu_memory):
             if task is not None:
                 task.cancel()
         # New calls get UNAVAILABLE from the servicer; open calls finish and open streams answer

@@ -21,6 +21,7 @@ import torch
 from fleet_client.client import InferenceClient, infer_request
 from fleet_proto import inference_pb2_grpc as pb_grpc
 from fleet_server.batcher import FAILURES_UNHEALTHY
+from fleet_server.serve import HEALTH_DIR_ENV
 from fleet_server.servicer import STREAM_WINDOW
 from fleet_spec.contract import HEALTH_SERVICE
 from prometheus_client.parser import text_string_to_metric_families
@@ -264,3 +265,31 @@ def test_workers_stop_when_their_supervisor_is_killed_while_they_load(
         for child in children:
             if _alive(child):
                 os.kill(child, signal.SIGKILL)
+
+
+def test_processes_behind_one_port_answer_probes_for_all(
+    start_worker: Callable[..., Any],
+) -> None:
+    supervisor = start_worker("--model", "builtin:tiny", "--workers", "2", wait=False)
+    target = f"127.0.0.1:{supervisor.port}"
+
+    async def probes() -> set[str]:
+        """What 8 connections (landing on either process) hear."""
+        answers = set()
+        for _ in range(8):
+            async with InferenceClient(target) as client:
+                answers.add(await client.health(HEALTH_SERVICE))
+        return answers
+
+    wait_for("both processes serving", lambda: asyncio.run(probes()) == {"SERVING"})
+    child = _children(supervisor.proc.pid)[0]
+    environ = dict(
+        item.split("=", 1)
+        for item in Path(f"/proc/{child}/environ").read_text().split("\0")
+        if "=" in item
+    )
+    verdict = Path(environ[HEALTH_DIR_ENV]) / "1"
+    verdict.write_text("NOT_SERVING")  # as process 1 says when its forward passes keep failing
+    wait_for("every probe to hear it", lambda: asyncio.run(probes()) == {"NOT_SERVING"})
+    verdict.write_text("SERVING")
+    wait_for("serving again", lambda: asyncio.run(probes()) == {"SERVING"})
