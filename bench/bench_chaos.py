@@ -260,10 +260,10 @@ def malformed(rng: random.Random, good: pb.ModelInferRequest) -> bytes:
         elif kind == 3:
             tensor.shape[:] = [rng.choice(sizes) for _ in range(rng.randrange(7))]
         elif kind == 4:
-            data = good.raw_input_contents[0]
+            pixels = good.raw_input_contents[0]
             del request.raw_input_contents[:]
-            cut = data[: rng.randrange(len(data))] if rng.random() < 0.5 else data
-            request.raw_input_contents.append(cut + rng.randbytes(rng.randint(cut == data, 3)))
+            cut = pixels[: rng.randrange(len(pixels))] if rng.random() < 0.5 else pixels
+            request.raw_input_contents.append(cut + rng.randbytes(rng.randint(cut == pixels, 3)))
         elif kind == 5:
             del request.raw_input_contents[:]
             values = [rng.choice([0, 255, 256, 2**32 - 1]) for _ in range(rng.randrange(64))]
