@@ -181,7 +181,7 @@ def test_by_default_only_the_release_namespace_is_watched_through_a_role(render:
     (cluster_role,) = operator_roles(only(docs, "ClusterRole"))
     assert cluster_role["metadata"]["name"] == "inferencefleet-cluster"
     assert grants(cluster_role["rules"]) == {
-        ("", "nodes", verb, "") for verb in ("get", "list", "patch")
+        ("", "nodes", verb, "") for verb in ("list", "watch", "patch")
     }
     cluster_bindings = [b["roleRef"]["name"] for b in only(docs, "ClusterRoleBinding")]
     assert cluster_bindings == ["inferencefleet-cluster"], "fleet rights must not be cluster-wide"
