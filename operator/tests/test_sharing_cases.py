@@ -62,12 +62,14 @@ def wait_observed(fleets: Any, name: str) -> None:
 def test_case1_a_fleet_never_changes_the_sharing_of_gpus_it_does_not_use(
     device_plugins: DevicePlugins, fleets: Any
 ) -> None:
+    device_plugins.restart(BW_NODE)  # a fresh pod: no back-off left from earlier tests
+    wait_until("the fresh pod to serve", lambda: device_plugins.serving(BW_NODE), timeout=90)
     device_plugins.set_configmap(None)  # the operator is the ConfigMap's first writer
     fleets.apply(fleets.manifest("solo", replicas=2, gpu=blackwell("timeSlicing", 2)))
     wait_until(
         "the profile on the fleet's node",
         lambda: device_plugins.node(BW_NODE)[1].get(REPLICAS) == "2",
-        timeout=150,
+        timeout=240,
     )
     other = "rtx6000ada-0"  # the fleet does not use it; its plugin restarts (reboot, rollout)
     device_plugins.restart(other)
@@ -90,6 +92,8 @@ def test_case1_a_fleet_never_changes_the_sharing_of_gpus_it_does_not_use(
 def test_case2_a_profile_lands_through_a_lagging_volume_without_crash_loops(
     device_plugins: DevicePlugins, fleets: Any
 ) -> None:
+    device_plugins.restart(BW_NODE)  # a fresh pod: no back-off or log from earlier tests
+    wait_until("the fresh pod to serve", lambda: device_plugins.serving(BW_NODE), timeout=90)
     device_plugins.set_lag(BW_NODE, 60)  # a kubelet refreshes ConfigMap volumes about this late
     fleets.apply(fleets.manifest("lagged", replicas=2, gpu=blackwell("timeSlicing", 2)))
 
