@@ -62,9 +62,10 @@ def wait_observed(fleets: Any, name: str) -> None:
 def test_case1_a_fleet_never_changes_the_sharing_of_gpus_it_does_not_use(
     device_plugins: DevicePlugins, fleets: Any
 ) -> None:
-    device_plugins.restart(BW_NODE)  # a fresh pod: no back-off left from earlier tests
-    wait_until("the fresh pod to serve", lambda: device_plugins.serving(BW_NODE), timeout=90)
     device_plugins.set_configmap(None)  # the operator is the ConfigMap's first writer
+    # A fresh pod, which mounts the ConfigMap once it exists. (A running one could never
+    # switch: config-manager exits when the key its config file points at is gone.)
+    device_plugins.restart(BW_NODE)
     fleets.apply(fleets.manifest("solo", replicas=2, gpu=blackwell("timeSlicing", 2)))
     wait_until(
         "the profile on the fleet's node",
