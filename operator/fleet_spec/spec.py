@@ -14,6 +14,7 @@ import jsonschema
 import yaml
 
 from fleet_spec.cel_rules import rule_errors
+from fleet_spec.contract import BUILTIN_PREFIX, BatchSettings, served_model_name
 
 GROUP = "inferencefleet.dev"
 VERSION = "v1alpha1"
@@ -49,31 +50,12 @@ class ModelSpec:
 
     @property
     def is_builtin(self) -> bool:
-        return self.source.startswith("builtin:")
+        return self.source.startswith(BUILTIN_PREFIX)
 
     @property
     def served_name(self) -> str:
         """The model name clients use: spec.model.name, else tiny/resnet18, else the file's stem."""
-        if self.name:
-            return self.name
-        if self.is_builtin:
-            return self.source.removeprefix("builtin:")
-        return Path(self.source).stem
-
-
-@dataclass(frozen=True)
-class BatchingSpec:
-    max_batch_size: int = 8
-    max_queue_delay_us: int = 2000
-    max_queue_size: int = 64
-
-    def as_config(self) -> dict[str, int]:
-        """The worker's --batching-config document (the CRD's key names)."""
-        return {
-            "maxBatchSize": self.max_batch_size,
-            "maxQueueDelayMicroseconds": self.max_queue_delay_us,
-            "maxQueueSize": self.max_queue_size,
-        }
+        return served_model_name(self.source, self.name)
 
 
 @dataclass(frozen=True)
@@ -95,7 +77,7 @@ class FleetSpec:
     model: ModelSpec
     replicas: int = 1
     processes_per_pod: int = 1
-    batching: BatchingSpec = field(default_factory=BatchingSpec)
+    batching: BatchSettings = field(default_factory=BatchSettings)
     gpu: GpuSpec = field(default_factory=GpuSpec)
     image: str | None = None
     resources: dict[str, dict[str, str | int]] = field(default_factory=dict)
@@ -223,11 +205,7 @@ def parse_fleet(manifest: Mapping[str, Any]) -> FleetSpec:
             name=model.get("name"),
             claim_name=model.get("volume", {}).get("claimName"),
         ),
-        batching=BatchingSpec(
-            max_batch_size=batching["maxBatchSize"],
-            max_queue_delay_us=batching["maxQueueDelayMicroseconds"],
-            max_queue_size=batching["maxQueueSize"],
-        ),
+        batching=BatchSettings.from_mapping(batching),
         gpu=GpuSpec(
             product=gpu.get("product"),
             sharing=gpu["sharing"],
