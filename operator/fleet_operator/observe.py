@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet_operator.names import FLEET_LABEL
+from fleet_operator.names import FLEET_LABEL, PROFILE_LABEL
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,38 @@ def trim_child(obj: Mapping[str, Any], ours: bool) -> dict[str, Any]:
 
 
 def trim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
-    """What placement reads of a worker pod: its node, whether it is going away."""
+    """What placement reads of a worker pod: its node, whether it is going away, the node
+    affinity it was placed under (it names the GPU profile)."""
+    spec = pod.get("spec") or {}
+    trimmed = {"nodeName": spec.get("nodeName")}
+    node_affinity = (spec.get("affinity") or {}).get("nodeAffinity")
+    if node_affinity:
+        trimmed["affinity"] = {"nodeAffinity": node_affinity}
     return {
         "metadata": _meta(pod, "name", "namespace", "labels", "deletionTimestamp"),
-        "spec": {"nodeName": (pod.get("spec") or {}).get("nodeName")},
+        "spec": trimmed,
     }
+
+
+def pod_profile(pod: Mapping[str, Any]) -> str:
+    """The GPU profile the pod was placed under (its node affinity on PROFILE_LABEL), or ""."""
+    affinity = ((pod.get("spec") or {}).get("affinity") or {}).get("nodeAffinity") or {}
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    for term in required.get("nodeSelectorTerms") or []:
+        for expression in term.get("matchExpressions") or []:
+            if expression.get("key") == PROFILE_LABEL and expression.get("values"):
+                return str(expression["values"][0])
+    return ""
+
+
+def profiles_by_node(pods: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Per node, the profile of each pod (terminating ones too) that runs there."""
+    result: dict[str, list[str]] = {}
+    for pod in pods:
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node:
+            result.setdefault(node, []).append(pod_profile(pod))
+    return result
 
 
 def pod_fleet(pod: Mapping[str, Any]) -> str | None:

@@ -30,6 +30,15 @@ from fleet_operator.names import (
 )
 
 EXCLUSIVE = "exclusive"
+# The device plugin key that shares nothing: config-manager's `named` fallback selects it on
+# every node without the config label, so a GPU no fleet shares stays unshared.
+DEFAULT_KEY = "default"
+NO_SHARING_CONFIG = "version: v1\nflags:\n  migStrategy: none\n"
+# Taints Kubernetes itself puts on a node: new pods stay away, but a held node is kept.
+SYSTEM_TAINT_PREFIX = "node.kubernetes.io/"
+# GPU feature discovery's MIG labels, and NVIDIA's MIG manager's.
+MIG_STRATEGY_LABEL = "nvidia.com/mig.strategy"
+MIG_CONFIG_LABEL = "nvidia.com/mig.config"
 _STRATEGY = {"timeSlicing": ("timeslicing", "timeSlicing"), "mps": ("mps", "mps")}
 
 
@@ -94,6 +103,17 @@ class NodeView:
     def host(self) -> GpuHost:
         return GpuHost(self.name, self.gpus, self.memory_mib)
 
+    @property
+    def mig(self) -> str | None:
+        """How the node's GPUs are partitioned by MIG (the label that says so), or None."""
+        strategy = self.labels.get(MIG_STRATEGY_LABEL, "none")
+        if strategy not in ("", "none"):
+            return f"{MIG_STRATEGY_LABEL}={strategy}"
+        config = self.labels.get(MIG_CONFIG_LABEL, "all-disabled")
+        if config not in ("", "all-disabled"):
+            return f"{MIG_CONFIG_LABEL}={config}"
+        return None
+
 
 def _int(value: Any) -> int | None:
     try:
@@ -141,8 +161,10 @@ def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 
 
-def matches(spec: FleetSpec, node: NodeView) -> bool:
-    """Could the fleet's pods run here: the GPU product, the extra node selector, the taints."""
+def matches(spec: FleetSpec, node: NodeView, held: bool = False) -> bool:
+    """Could the fleet's pods run here: the GPU product, the extra node selector, the taints.
+    A node the fleet holds keeps matching under Kubernetes' own taints (cordon, not-ready,
+    pressure): its pods may still run there, and new ones stay away by the taint itself."""
     if node.gpus <= 0:
         return False
     if spec.gpu.product is not None and node.product != spec.gpu.product:
@@ -154,6 +176,7 @@ def matches(spec: FleetSpec, node: NodeView) -> bool:
         _tolerated(taint, tolerations)
         for taint in node.taints
         if taint.get("effect") in ("NoSchedule", "NoExecute")
+        and not (held and str(taint.get("key", "")).startswith(SYSTEM_TAINT_PREFIX))
     )
 
 
@@ -180,6 +203,8 @@ class ClaimPlan:
     release: tuple[str, ...]  # nodes to give back
     conflicts: tuple[Conflict, ...]  # nodes the fleet could not use because of another profile
     capacity: Capacity
+    mig_refused: tuple[str, ...] = ()  # "node (label=value)": MIG mode, where MPS cannot run
+    waiting: tuple[str, ...] = ()  # held under an old profile until the old pods leave
 
     @property
     def desired_replicas(self) -> int:
@@ -195,23 +220,65 @@ def _usable(node: NodeView, me: str, key: str) -> bool:
     return node.profile in (None, key) if others else True
 
 
-def plan_claims(spec: FleetSpec, nodes: Sequence[NodeView]) -> ClaimPlan:
-    """Decide which nodes the fleet holds: keep what it has, add usable nodes until it fits."""
+def _keep_needed(
+    spec: FleetSpec, kept: Sequence[NodeView], pods_on: Mapping[str, Sequence[str]]
+) -> tuple[list[NodeView], list[str]]:
+    """Of the nodes held, those still needed: every node a pod of the fleet runs on, then the
+    others (by name) while the slots fall short of the replicas. The rest are given back."""
+    keep = [n for n in kept if pods_on.get(n.name)]
+    slots = sum(host_slots(spec, n.host()) for n in keep)
+    surplus: list[str] = []
+    for node in sorted((n for n in kept if not pods_on.get(n.name)), key=lambda n: n.name):
+        if slots < spec.replicas:
+            keep.append(node)
+            slots += host_slots(spec, node.host())
+        else:
+            surplus.append(node.name)
+    return keep, surplus
+
+
+def plan_claims(
+    spec: FleetSpec,
+    nodes: Sequence[NodeView],
+    pods_on: Mapping[str, Sequence[str]] | None = None,
+) -> ClaimPlan:
+    """Decide which nodes the fleet holds: keep what it has and still needs, add usable nodes
+    until it fits. `pods_on` names, per node, the profile each pod of the fleet there was
+    placed under ("" when not known)."""
     me, key = fleet_id(spec.namespace, spec.name), profile_key(spec.gpu)
-    candidates = [n for n in nodes if matches(spec, n)]
-    hold: list[NodeView] = []
-    claim: list[str] = []
-    release = [n.name for n in nodes if me in n.claims and not matches(spec, n)]
+    pods_on = pods_on or {}
+    refused = {
+        n.name: n.mig
+        for n in nodes
+        if spec.gpu.sharing == "mps" and n.mig is not None and matches(spec, n, me in n.claims)
+    }
+    candidates = [
+        n for n in nodes if matches(spec, n, held=me in n.claims) and n.name not in refused
+    ]
+    kept: list[NodeView] = []
+    switch: list[NodeView] = []
+    waiting: list[str] = []
+    release = [
+        n.name
+        for n in nodes
+        if me in n.claims and (n.name in refused or not matches(spec, n, held=True))
+    ]
     for node in candidates:
         if me not in node.claims:
             continue
         if node.profile == key and not node.foreign_config:
-            hold.append(node)
+            kept.append(node)
         elif _usable(node, me, key) and host_slots(spec, node.host()) > 0:
-            hold.append(node)  # held alone under an old profile: switch it
-            claim.append(node.name)
+            if any(profile != key for profile in pods_on.get(node.name, ())):
+                waiting.append(node.name)  # the old profile's pods still run there
+            else:
+                switch.append(node)  # held alone under an old profile: switch it
         else:
             release.append(node.name)
+    kept, surplus = _keep_needed(spec, [*kept, *switch], pods_on)
+    release += surplus
+    hold = list(kept)
+    claim = [n.name for n in switch if n in kept]
     slots = sum(host_slots(spec, n.host()) for n in hold)
     conflicts: list[Conflict] = []
     # Prefer nodes already running our profile, then free ones; by name for a stable order.
@@ -238,6 +305,8 @@ def plan_claims(spec: FleetSpec, nodes: Sequence[NodeView]) -> ClaimPlan:
         release=tuple(sorted(release)),
         conflicts=tuple(conflicts),
         capacity=check_capacity(spec, [hosts[name] for name in sorted(hosts)]),
+        mig_refused=tuple(f"{name} ({label})" for name, label in sorted(refused.items())),
+        waiting=tuple(sorted(waiting)),
     )
 
 

@@ -95,6 +95,14 @@ def observed_generation(observed: Observed, previous: Mapping[str, Any]) -> int 
 
 
 def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
+    if plan.mig_refused and not plan.capacity.fits:
+        return _condition(
+            "GPUSharing",
+            False,
+            "MIGMode",
+            f"MPS sharing cannot run on GPUs in MIG mode: {', '.join(plan.mig_refused)}; "
+            "use timeSlicing or sharing none there, or turn MIG off on those nodes",
+        )
     if plan.conflicts:
         held = ", ".join(c.describe() for c in plan.conflicts)
         return _condition(
@@ -102,6 +110,14 @@ def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
             False,
             "ProfileConflict",
             f"needs nodes with profile {plan.profile}, but {held}; those nodes are left alone",
+        )
+    if plan.waiting:
+        return _condition(
+            "GPUSharing",
+            False,
+            "ProfileChangeWaiting",
+            f"{', '.join(plan.waiting)} switch to profile {plan.profile} once the pods placed "
+            "under the old profile have left",
         )
     where = ", ".join(plan.hold) if plan.hold else "no nodes yet"
     reason = "Exclusive" if plan.profile == EXCLUSIVE else "ProfileApplied"

@@ -318,3 +318,31 @@ def test_a_look_older_than_the_last_status_written_repeats_no_event(
     reconciler.reconcile(replace(kube.observe("vision", "detector"), fleet=stale.fleet))
     assert kube.events == events
     assert not any(w.startswith("patch status") for w in kube.writes)
+
+
+def test_the_configmap_always_gets_a_key_that_shares_nothing(
+    kube: FakeKube, reconciler: Reconciler
+) -> None:
+    kube.add_fleet(fleet())
+    run(reconciler, kube)
+    assert sorted(kube.configmaps[PLUGIN]) == ["default", "timeslicing-2"]
+    assert "sharing" not in kube.configmaps[PLUGIN]["default"]
+    reconciler.release(kube.observe("vision", "detector"))
+    assert list(kube.configmaps[PLUGIN]) == ["default"]  # the last profile goes, the default stays
+
+
+def test_an_existing_default_key_is_left_as_it_is(kube: FakeKube, reconciler: Reconciler) -> None:
+    kube.configmaps[PLUGIN] = {"default": "version: v1\n"}
+    kube.add_fleet(fleet())
+    run(reconciler, kube)
+    assert kube.configmaps[PLUGIN]["default"] == "version: v1\n"
+
+
+def test_mps_on_a_mig_node_is_refused_naming_mig(kube: FakeKube, reconciler: Reconciler) -> None:
+    kube.nodes["ada-0"]["metadata"]["labels"]["nvidia.com/mig.strategy"] = "single"
+    kube.add_fleet(fleet(gpu={"product": ADA, "sharing": "mps", "workersPerGPU": 2}))
+    run(reconciler, kube)
+    sharing = condition(kube, "GPUSharing")
+    assert (sharing["status"], sharing["reason"]) == ("False", "MIGMode")
+    assert "ada-0 (nvidia.com/mig.strategy=single)" in sharing["message"]
+    assert PROFILE_LABEL not in kube.nodes["ada-0"]["metadata"]["labels"]
