@@ -15,7 +15,7 @@ from fleet_spec.spec import FleetSpec, FleetSpecError, parse_fleet
 
 from fleet_operator.names import DEVICE_PLUGIN_LABEL, FLEET_LABEL, MANAGED_BY, MANAGED_BY_VALUE
 from fleet_operator.names import fleet_id as make_fleet_id
-from fleet_operator.observe import Observations, profiles_by_node
+from fleet_operator.observe import Observations, profiles_by_node, slots_used
 from fleet_operator.render import Owner, render_children
 from fleet_operator.sharing import (
     DEFAULT_KEY,
@@ -197,15 +197,15 @@ def decide(obs: Observations, settings: Settings, now: str) -> Decision:
     nodes = {view.name: view for view in (node_view(node) for node in obs.nodes)}
     patches: dict[str, Mapping[str, Any]] = {}
     events: list[Event] = []
-    pods_on = profiles_by_node(obs.pods)
-    plan = plan_claims(spec, list(nodes.values()), pods_on)
+    pods_on, used = profiles_by_node(obs.pods), slots_used(obs.other_pods)
+    plan = plan_claims(spec, list(nodes.values()), pods_on, used)
     stale = _stale_holders(plan, obs)
     if stale:
         for name, view in list(nodes.items()):
             after, dropped = drop_holders(view, stale)
             if dropped:
                 nodes[name], patches[name] = after, dropped
-        plan = plan_claims(spec, list(nodes.values()), pods_on)
+        plan = plan_claims(spec, list(nodes.values()), pods_on, used)
     claimed, released = [], []
     for name in plan.claim:
         claim = claim_patch(nodes[name], me, plan.profile, spec.gpu.shared)

@@ -21,6 +21,7 @@ class Observations:
     nodes: Sequence[Mapping[str, Any]]  # every Node (trimmed)
     children: Mapping[tuple[str, str], Mapping[str, Any]]  # (kind, name) -> object, ours or not
     pods: Sequence[Mapping[str, Any]]  # the fleet's worker pods (trimmed)
+    other_pods: Sequence[Mapping[str, Any]] = ()  # worker pods of the other fleets (trimmed)
     fleets: frozenset[str] = frozenset()  # "ns/name" of every fleet in the watched namespaces
     watched: tuple[str, ...] | None = None  # the watched namespaces; None: all of them
     device_plugin: Mapping[str, str] | None = field(default=None)  # None: no ConfigMap yet
@@ -77,6 +78,11 @@ def pod_profile(pod: Mapping[str, Any]) -> str:
             if expression.get("key") == PROFILE_LABEL and expression.get("values"):
                 return str(expression["values"][0])
     return ""
+
+
+def slots_used(pods: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Per node, the GPU slots (one per worker pod, terminating ones too) the pods take."""
+    return {node: len(profiles) for node, profiles in profiles_by_node(pods).items()}
 
 
 def profiles_by_node(pods: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:

@@ -9,7 +9,7 @@ held under another profile is never relabelled: it is reported as a conflict.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -221,17 +221,20 @@ def _usable(node: NodeView, me: str, key: str) -> bool:
 
 
 def _keep_needed(
-    spec: FleetSpec, kept: Sequence[NodeView], pods_on: Mapping[str, Sequence[str]]
+    kept: Sequence[NodeView],
+    pods_on: Mapping[str, Sequence[str]],
+    free: Callable[[NodeView], int],
+    replicas: int,
 ) -> tuple[list[NodeView], list[str]]:
     """Of the nodes held, those still needed: every node a pod of the fleet runs on, then the
     others (by name) while the slots fall short of the replicas. The rest are given back."""
     keep = [n for n in kept if pods_on.get(n.name)]
-    slots = sum(host_slots(spec, n.host()) for n in keep)
+    slots = sum(free(n) for n in keep)
     surplus: list[str] = []
     for node in sorted((n for n in kept if not pods_on.get(n.name)), key=lambda n: n.name):
-        if slots < spec.replicas:
+        if slots < replicas:
             keep.append(node)
-            slots += host_slots(spec, node.host())
+            slots += free(node)
         else:
             surplus.append(node.name)
     return keep, surplus
@@ -241,12 +244,17 @@ def plan_claims(
     spec: FleetSpec,
     nodes: Sequence[NodeView],
     pods_on: Mapping[str, Sequence[str]] | None = None,
+    used: Mapping[str, int] | None = None,
 ) -> ClaimPlan:
     """Decide which nodes the fleet holds: keep what it has and still needs, add usable nodes
     until it fits. `pods_on` names, per node, the profile each pod of the fleet there was
-    placed under ("" when not known)."""
+    placed under ("" when not known); `used` the slots other fleets' pods take per node."""
     me, key = fleet_id(spec.namespace, spec.name), profile_key(spec.gpu)
-    pods_on = pods_on or {}
+    pods_on, used = pods_on or {}, used or {}
+
+    def free(node: NodeView) -> int:
+        return max(0, host_slots(spec, node.host()) - used.get(node.name, 0))
+
     refused = {
         n.name: n.mig
         for n in nodes
@@ -275,15 +283,15 @@ def plan_claims(
                 switch.append(node)  # held alone under an old profile: switch it
         else:
             release.append(node.name)
-    kept, surplus = _keep_needed(spec, [*kept, *switch], pods_on)
+    kept, surplus = _keep_needed([*kept, *switch], pods_on, free, spec.replicas)
     release += surplus
     hold = list(kept)
     claim = [n.name for n in switch if n in kept]
-    slots = sum(host_slots(spec, n.host()) for n in hold)
+    slots = sum(free(n) for n in hold)
     conflicts: list[Conflict] = []
     # Prefer nodes already running our profile, then free ones; by name for a stable order.
     rest = sorted(
-        (n for n in candidates if me not in n.claims and host_slots(spec, n.host()) > 0),
+        (n for n in candidates if me not in n.claims and free(n) > 0),
         key=lambda n: (n.profile != key, bool(n.claims), n.name),
     )
     for node in rest:
@@ -295,16 +303,20 @@ def plan_claims(
         elif not node.unschedulable:
             hold.append(node)
             claim.append(node.name)
-            slots += host_slots(spec, node.host())
+            slots += free(node)
     too_small = [n for n in candidates if host_slots(spec, n.host()) == 0]
     hosts = {n.name: n.host() for n in [*hold, *too_small]}
+    capacity = check_capacity(spec, [hosts[name] for name in sorted(hosts)])
+    taken = sum(host_slots(spec, n.host()) - free(n) for n in hold)
+    if taken:  # slots other fleets' pods take on the nodes held
+        capacity = replace(capacity, slots_available=capacity.slots_available - taken)
     return ClaimPlan(
         profile=key,
         hold=tuple(sorted(n.name for n in hold)),
         claim=tuple(sorted(claim)),
         release=tuple(sorted(release)),
         conflicts=tuple(conflicts),
-        capacity=check_capacity(spec, [hosts[name] for name in sorted(hosts)]),
+        capacity=capacity,
         mig_refused=tuple(f"{name} ({label})" for name, label in sorted(refused.items())),
         waiting=tuple(sorted(waiting)),
     )

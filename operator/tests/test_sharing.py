@@ -291,3 +291,13 @@ def test_mps_is_refused_on_gpus_in_mig_mode(labels: dict[str, str], refused: boo
     time_slicing = plan_claims(_fleet(), nodes)  # time-slicing is not refused
     assert list(time_slicing.hold) == ["n0"]
     assert not time_slicing.mig_refused
+
+
+def test_slots_other_fleets_use_are_not_counted_free() -> None:
+    nodes = [_node("n0", claims="ns/other", labels={PROFILE_LABEL: "timeslicing-4"}), _node("n1")]
+    plan = plan_claims(_fleet(replicas=8), nodes, {}, {"n0": 8})  # n0's 8 slots are taken
+    assert list(plan.hold) == ["n1"]
+    assert plan.capacity.slots_available == 8
+    shared = plan_claims(_fleet(replicas=8), nodes, {}, {"n0": 6})  # 2 left on n0, 6 from n1
+    assert list(shared.hold) == ["n0", "n1"]
+    assert shared.capacity.slots_available == 10
