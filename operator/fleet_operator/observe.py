@@ -36,12 +36,16 @@ def _meta(obj: Mapping[str, Any], *keys: str) -> dict[str, Any]:
 
 
 def trim_node(node: Mapping[str, Any]) -> dict[str, Any]:
-    """What claims read of a Node: labels, annotations, taints, GPU capacity, resourceVersion."""
+    """What claims read of a Node: labels, annotations, taints, GPU capacity and allocatable,
+    resourceVersion."""
     spec, status = node.get("spec") or {}, node.get("status") or {}
     return {
         "metadata": _meta(node, "name", "labels", "annotations", "resourceVersion"),
         "spec": {key: spec[key] for key in ("unschedulable", "taints") if key in spec},
-        "status": {"capacity": dict(status.get("capacity") or {})},
+        "status": {
+            "capacity": dict(status.get("capacity") or {}),
+            "allocatable": dict(status.get("allocatable") or {}),
+        },
     }
 
 

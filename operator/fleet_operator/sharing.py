@@ -10,7 +10,7 @@ held under another profile is never relabelled: it is reported as a conflict.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -36,6 +36,10 @@ DEFAULT_KEY = "default"
 NO_SHARING_CONFIG = "version: v1\nflags:\n  migStrategy: none\n"
 # Taints Kubernetes itself puts on a node: new pods stay away, but a held node is kept.
 SYSTEM_TAINT_PREFIX = "node.kubernetes.io/"
+# What the device plugin and feature discovery say a node runs (the profile as applied).
+REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+STRATEGY_LABEL = "nvidia.com/gpu.sharing-strategy"
+_STRATEGY_VALUE = {"timeSlicing": "time-slicing", "mps": "mps"}
 # GPU feature discovery's MIG labels, and NVIDIA's MIG manager's.
 MIG_STRATEGY_LABEL = "nvidia.com/mig.strategy"
 MIG_CONFIG_LABEL = "nvidia.com/mig.config"
@@ -84,6 +88,7 @@ class NodeView:
     unschedulable: bool = False
     taints: tuple[Mapping[str, Any], ...] = ()
     resource_version: str = ""
+    allocatable: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def product(self) -> str | None:
@@ -140,7 +145,31 @@ def node_view(node: Mapping[str, Any]) -> NodeView:
         unschedulable=bool(spec.get("unschedulable", False)),
         taints=tuple(spec.get("taints") or ()),
         resource_version=str(meta.get("resourceVersion", "")),
+        allocatable=dict((node.get("status") or {}).get("allocatable") or {}),
     )
+
+
+def not_advertised(gpu: GpuSpec, node: NodeView) -> str | None:
+    """Why the node does not (yet) advertise the profile, or None once it does: the device
+    plugin's allocatable GPUs (plain or renamed .shared) are GPUs x replicas, and feature
+    discovery's replicas and sharing-strategy labels say the same."""
+    replicas = gpu.workers_per_gpu if gpu.shared else 1
+    strategy = _STRATEGY_VALUE.get(gpu.sharing, "none") if gpu.shared else "none"
+    slots = {
+        name: value
+        for name in (GPU_RESOURCE, GPU_RESOURCE + ".shared")
+        if (value := node.allocatable.get(name)) is not None
+    }
+    advertised = {
+        REPLICAS_LABEL: node.labels.get(REPLICAS_LABEL, "1" if not gpu.shared else "?"),
+        STRATEGY_LABEL: node.labels.get(STRATEGY_LABEL, "none" if not gpu.shared else "?"),
+    }
+    wanted = {REPLICAS_LABEL: str(replicas), STRATEGY_LABEL: strategy}
+    if str(node.gpus * replicas) not in slots.values():
+        got = ", ".join(f"{k}={v}" for k, v in sorted(slots.items())) or f"no {GPU_RESOURCE}"
+        return f"advertises {got}, not {node.gpus * replicas} slots"
+    wrong = [f"{k}={advertised[k]}" for k in sorted(wanted) if advertised[k] != wanted[k]]
+    return f"advertises {', '.join(wrong)}" if wrong else None
 
 
 def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]]) -> bool:
@@ -205,6 +234,13 @@ class ClaimPlan:
     capacity: Capacity
     mig_refused: tuple[str, ...] = ()  # "node (label=value)": MIG mode, where MPS cannot run
     waiting: tuple[str, ...] = ()  # held under an old profile until the old pods leave
+    pending: tuple[tuple[str, str], ...] = ()  # (node, why): held, profile not advertised yet
+
+    @property
+    def applied(self) -> tuple[str, ...]:
+        """Held nodes that advertise the profile."""
+        waiting = {node for node, _ in self.pending}
+        return tuple(node for node in self.hold if node not in waiting)
 
     @property
     def desired_replicas(self) -> int:
@@ -319,7 +355,20 @@ def plan_claims(
         capacity=capacity,
         mig_refused=tuple(f"{name} ({label})" for name, label in sorted(refused.items())),
         waiting=tuple(sorted(waiting)),
+        pending=_pending(spec.gpu, hold, claim),
     )
+
+
+def _pending(gpu: GpuSpec, hold: Sequence[NodeView], claim: Sequence[str]) -> tuple[Any, ...]:
+    """(node, why) for each held node that does not advertise the shared profile yet."""
+    if not gpu.shared:
+        return ()  # exclusive is what a node without the config label runs
+    pending: list[tuple[str, str]] = []
+    for node in sorted(hold, key=lambda n: n.name):
+        why = "labelled now" if node.name in claim else not_advertised(gpu, node)
+        if why is not None:
+            pending.append((node.name, why))
+    return tuple(pending)
 
 
 def claim_patch(node: NodeView, me: str, key: str, shared: bool) -> dict[str, Any] | None:

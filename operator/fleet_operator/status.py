@@ -119,6 +119,15 @@ def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
             f"{', '.join(plan.waiting)} switch to profile {plan.profile} once the pods placed "
             "under the old profile have left",
         )
+    if plan.pending:
+        pending = "; ".join(f"{node} pending: {why}" for node, why in plan.pending)
+        return _condition(
+            "GPUSharing",
+            False,
+            "ProfilePending",
+            f"profile {plan.profile} not advertised yet: {pending} (the device plugin reads "
+            "its ConfigMap through a volume the kubelet refreshes about a minute late)",
+        )
     where = ", ".join(plan.hold) if plan.hold else "no nodes yet"
     reason = "Exclusive" if plan.profile == EXCLUSIVE else "ProfileApplied"
     return _condition("GPUSharing", True, reason, f"profile {plan.profile} on {where}")
@@ -192,6 +201,8 @@ def compute_status(
             "slotsAvailable": capacity.slots_available,
             "memoryNeededMiBPerGPU": capacity.memory_needed_mib,
             "nodes": list(plan.hold),
+            "applied": list(plan.applied),
+            "pending": [{"node": node, "reason": why} for node, why in plan.pending],
             "summary": capacity.summary(),
         },
         "placement": pods_per_node(observed.pods, spec.processes_per_pod),
