@@ -86,6 +86,17 @@ class Bench:
             c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or []
         )
 
+    def all_observed(self, count: int) -> bool:
+        """`count` fleets, each with a status written for its current generation."""
+        items = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
+        seen = [
+            fleet
+            for fleet in items["items"]
+            if (fleet.get("status") or {}).get("observedGeneration")
+            == fleet["metadata"].get("generation")
+        ]
+        return len(seen) >= count
+
     def deployment_replicas(self, name: str) -> int | None:
         try:
             replicas: int = self.apps.read_namespaced_deployment(name, self.namespace).spec.replicas
@@ -200,10 +211,12 @@ def at_rest(bench: Bench, counts: Path, fleets: int, seconds: float) -> dict[str
     for first in range(0, len(documents), 10):  # small batches: a busy apiserver is slow
         batch = yaml.safe_dump_all(documents[first : first + 10])
         bench.cluster.kubectl("apply", "-f", "-", input=batch, timeout=600)
-    for name in names:
-        poll(f"fleet {name} Ready", functools.partial(bench.ready, name), 900, interval=0.2)
-    all_ready = time.perf_counter() - start
-    time.sleep(5)  # let the last status writes and events settle
+    # Every fleet seen and its status written for its generation. Not all get Ready: fleets
+    # of one profile do not yet count each other's pods on a shared node, so some pods of the
+    # last fleets stay Pending; the operator's passes over them cost the same.
+    poll(f"all {fleets} fleets observed", functools.partial(bench.all_observed, fleets), 900, 2)
+    all_observed = time.perf_counter() - start
+    time.sleep(30)  # let the last status writes and events settle
     before, t0 = read_counts(counts), time.perf_counter()
     time.sleep(seconds)
     after, t1 = read_counts(counts), time.perf_counter()
@@ -215,7 +228,7 @@ def at_rest(bench: Bench, counts: Path, fleets: int, seconds: float) -> dict[str
     )
     return {
         "fleets": fleets,
-        "all_ready_s": round(all_ready, 1),
+        "all_observed_s": round(all_observed, 1),
         "window_s": round(t1 - t0, 1),
         "requests_per_minute": round(sum(delta.values()) / minutes, 1),
         "by_request_per_minute": {k: round(v / minutes, 1) for k, v in delta.items()},

@@ -11,15 +11,14 @@ import datetime
 import logging
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from fleet_operator.decide import Decision, Settings, decide, decide_release
 from fleet_operator.kube import ApiError, ConfigMapRef, Kube
 from fleet_operator.names import fleet_id
-from fleet_operator.observe import Observations
+from fleet_operator.observe import Observations, trim_node
 from fleet_operator.status import failed_status
 
 log = logging.getLogger(__name__)
@@ -27,6 +26,14 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKER_IMAGE = "ghcr.io/inferencefleet/worker:0.1.0"
 FIRST_BACKOFF = 5.0  # seconds after a first failure; doubles with each failure in a row
 MAX_BACKOFF = 600.0
+
+
+def _version(node: Mapping[str, Any]) -> int:
+    """A node's resourceVersion as a number (etcd's revision; 0 if it is not one)."""
+    try:
+        return int(node["metadata"].get("resourceVersion", "0"))
+    except ValueError:
+        return 0
 
 
 class Retry(Exception):
@@ -50,14 +57,21 @@ def api_reason(error: ApiError) -> str:
     return "APIError"
 
 
-def act(decision: Decision, fleet: Mapping[str, Any], kube: Kube, where: ConfigMapRef) -> None:
+def act(
+    decision: Decision,
+    fleet: Mapping[str, Any],
+    kube: Kube,
+    where: ConfigMapRef,
+    wrote_node: Callable[[Mapping[str, Any]], None] = lambda node: None,
+) -> None:
     """Write a decision: profiles a node may select, nodes, unused profiles, children, status,
-    events. Idempotent; a write that meets a changed object raises Retry."""
+    events. Idempotent; a write that meets a changed object raises Retry. Each node as the
+    apiserver returned it goes to `wrote_node`."""
     if decision.profiles_to_write:
         kube.patch_configmap_data(where, dict(decision.profiles_to_write))
     for name, patch in decision.node_patches:
         try:
-            kube.patch_node(name, patch)
+            wrote_node(kube.patch_node(name, patch))
         except ApiError as error:
             if error.conflict:
                 raise Retry(f"node {name} changed while this pass decided") from error
@@ -105,11 +119,31 @@ class Reconciler:
             device_plugin,
             clock,
         )
-        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        # One pass at a time, for every fleet: fleets claim the same nodes, and each pass
+        # must see the claims the one before it wrote.
+        self._lock = threading.Lock()
+        # Nodes as this operator last wrote them, until the watch delivers that version.
+        self._nodes: dict[str, Mapping[str, Any]] = {}
         self._failures: dict[str, _Failures] = {}
         # The status last written, by fleet uid: only this operator writes it, so it is the
         # current one even when the watch has not delivered it yet.
         self._written: dict[str, Mapping[str, Any]] = {}
+
+    def _wrote_node(self, node: Mapping[str, Any]) -> None:
+        self._nodes[node["metadata"]["name"]] = trim_node(node)
+
+    def _current_nodes(self, observed: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The observed nodes, each replaced by the one this operator wrote if that is newer."""
+        current = []
+        for node in observed:
+            name = node["metadata"]["name"]
+            written = self._nodes.get(name)
+            if written is not None and _version(written) > _version(node):
+                current.append(written)
+            else:
+                self._nodes.pop(name, None)  # the watch has caught up (or someone wrote later)
+                current.append(node)
+        return current
 
     def _with_written_status(self, fleet: Mapping[str, Any]) -> Mapping[str, Any]:
         written = self._written.get(fleet["metadata"].get("uid", ""))
@@ -128,15 +162,16 @@ class Reconciler:
         """Decide and act for one fleet. Raises SpecInvalid, Retry or ApiError (reported)."""
         meta = obs.fleet["metadata"]
         key = fleet_id(meta["namespace"], meta["name"])
-        with self._locks[key]:
+        with self._lock:
             try:
                 obs = replace(
                     obs,
                     fleet=self._with_written_status(obs.fleet),
+                    nodes=self._current_nodes(obs.nodes),
                     device_plugin=self.kube.configmap_data(self.device_plugin),
                 )
                 decision = decide(obs, self.settings, self.clock())
-                act(decision, obs.fleet, self.kube, self.device_plugin)
+                act(decision, obs.fleet, self.kube, self.device_plugin, self._wrote_node)
                 if decision.status is not None:
                     self._written[meta.get("uid", "")] = decision.status
             except ApiError as error:
@@ -151,11 +186,14 @@ class Reconciler:
         """The fleet is being deleted: give its nodes back; return their names."""
         meta = obs.fleet["metadata"]
         key = fleet_id(meta["namespace"], meta["name"])
-        with self._locks[key]:
-            obs = replace(obs, device_plugin=self.kube.configmap_data(self.device_plugin))
+        with self._lock:
+            obs = replace(
+                obs,
+                nodes=self._current_nodes(obs.nodes),
+                device_plugin=self.kube.configmap_data(self.device_plugin),
+            )
             decision = decide_release(obs)
-            act(decision, obs.fleet, self.kube, self.device_plugin)
-        self._locks.pop(key, None)
+            act(decision, obs.fleet, self.kube, self.device_plugin, self._wrote_node)
         self._failures.pop(key, None)
         self._written.pop(meta.get("uid", ""), None)
         return [name for name, _ in decision.node_patches]

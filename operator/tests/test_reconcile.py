@@ -384,3 +384,15 @@ def test_a_profile_is_applied_only_once_the_node_advertises_it(
     gpu = kube.fleet("vision", "detector")["status"]["gpu"]
     assert gpu["pending"] == ([] if pending is None else [{"node": "ada-0", "reason": pending}])
     assert gpu["applied"] == ([] if pending is not None else ["ada-0"])
+
+
+def test_passes_see_the_claims_written_before_the_watch_shows_them(
+    kube: FakeKube, reconciler: Reconciler
+) -> None:
+    kube.add_fleet(fleet("one", replicas=1))
+    kube.add_fleet(fleet("two", replicas=1))
+    stale = kube.observe("vision", "two")  # taken before "one" claimed the node
+    run(reconciler, kube, "one")
+    reconciler.reconcile(stale)  # no conflict: the pass uses the node "one" wrote
+    claims = kube.nodes["ada-0"]["metadata"]["annotations"][CLAIMS_ANNOTATION]
+    assert claims == "vision/one,vision/two"
