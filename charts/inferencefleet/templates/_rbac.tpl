@@ -1,7 +1,7 @@
 {{/*
 RBAC rules, in step with operator/RBAC.md and fleet_operator/kube.py (the one module that
-writes to the API) plus what kopf itself does (the watches behind the operator's indexes): only the verbs the operator uses; no wildcards,
-no secrets. Server-side apply needs `patch`, and `create` for an object that does not exist yet.
+writes to the API) plus what kopf itself does (the watches behind the operator's indexes):
+only the verbs the operator uses; no wildcards, no secrets. Server-side apply needs `patch`, and `create` for an object that does not exist yet.
 */}}
 
 {{- define "inferencefleet.clusterRules" -}}
