@@ -1,8 +1,8 @@
 """GPU sharing against NVIDIA's real config-manager: the right behaviour, one test per known case.
 
-Each test states what a real cluster needs from the operator. Today's operator gets each
-of them wrong; each was a strict xfail whose reason named what it did wrong, and the
-marker went when the operator was fixed (case 2 still waits for that).
+Each test states what a real cluster needs from the operator. One the operator still gets
+wrong is a strict xfail whose reason names what it does wrong; the marker goes when the
+operator is fixed.
 """
 
 from __future__ import annotations
