@@ -528,8 +528,10 @@ def start_components(state: State, stages_dir: Path) -> None:
             "--max-mutating-requests-inflight=500",
         ],
     )
-    # The controller-manager needs the serving certificate as its root CA at start.
+    # The controller-manager needs the serving certificate as its root CA at start, and an
+    # apiserver that answers: it gives up after one 10 s TLS handshake on a loaded machine.
     wait_for(state, "the apiserver's self-signed certificate", state.ca_file.exists, 60)
+    wait_for(state, f"kube-apiserver /readyz at {state.server}", lambda: ready(state), 90)
 
     common = [
         f"--kubeconfig={kc}",
