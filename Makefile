@@ -28,7 +28,7 @@ lint: ## ruff
 	@$(VENV)/bin/ruff format --check .
 
 typecheck: ## mypy --strict
-	@$(VENV)/bin/mypy server/inferencefleet server/fleet_proto server/fleet_server server/fleet_client operator/fleet_spec operator/fleet_operator operator/fleet_local
+	@$(VENV)/bin/mypy server/inferencefleet server/fleet_proto server/fleet_server server/fleet_client server/fleet_tune operator/fleet_spec operator/fleet_operator operator/fleet_local
 
 unit: setup ## only the tests that need no process, network or cluster
 	@$(PY) -m pytest -m "not integration and not e2e"

@@ -40,6 +40,7 @@ class Options:
     image_size: int | None = None
     grace_period_s: float = 5.0
     python: str = sys.executable
+    watch_interval_s: float | None = None  # how often a worker polls its batching file
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def serve_argv(
     ]  # fmt: skip
     if options.image_size is not None:
         argv += ["--image-size", str(options.image_size)]
+    if options.watch_interval_s is not None:
+        argv += ["--watch-interval-s", f"{options.watch_interval_s:g}"]
     return tuple(argv)
 
 
