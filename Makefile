@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= builtin:resnet18
 
-.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-local bench-client bench-operator clean chart-sync-crd
+.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-tune bench-local bench-client bench-operator clean chart-sync-crd
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ proto: ## regenerate the protobuf/gRPC code next to server/fleet_proto/inference
 
 bench-server: setup ## raw model vs served frames/s and added latency (MODEL=builtin:resnet18)
 	@$(PY) bench/bench_server.py --model $(MODEL)
+
+bench-tune: setup ## inferencefleet tune vs an exhaustive sweep of the same grid (tune/sweep and time ratios)
+	@$(PY) bench/bench_tune.py
 
 bench-local: setup ## 1 worker at batch 1 vs the example fleet's best configuration
 	@$(PY) bench/bench_local.py

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "budget; prints every measurement, a plot and a fleet.yaml fragment.",
     )
     p.add_argument("source", help="a fleet.yaml, or a model source (builtin:tiny, a model file)")
+    add_search_arguments(p)
+    return p
+
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    """Everything but the source (bench/bench_tune.py takes the same)."""
     p.add_argument("--p99-ms", type=positive_seconds, default=100.0, help="p99 budget (ms)")
     p.add_argument(
         "--budget-s",
@@ -79,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=18601, help="first gRPC port (then +1 per worker)")
     p.add_argument("--log-dir", type=Path, help="worker logs (default: a temp dir)")
     p.add_argument("--json-file", type=Path, help="write every measurement and the result here")
-    p.add_argument("--plot", type=Path, help="write frames/s vs p99 per configuration to this PNG")
-    return p  # fmt: skip
+    p.add_argument("--plot", type=Path, help="write frames/s vs p99 per configuration (PNG)")
 
 
 def load_spec(source: str) -> FleetSpec:
