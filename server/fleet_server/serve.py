@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML/JSON file with maxBatchSize, maxQueueDelayMicroseconds, maxQueueSize; "
         "watched and applied live",
     )
+    p.add_argument(
+        "--copy-stream",
+        action="store_true",
+        help="CUDA: upload frames on a stream of their own (off by default: not measured faster)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="CUDA: replay one CUDA graph per warmed batch size (off by default: not measured)",
+    )
     p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024)
     p.add_argument(
         "--grace-period-s", type=float, default=30.0, help="drain time after SIGTERM (default 30)"
@@ -130,6 +140,8 @@ def _serve_one(args: argparse.Namespace, settings: BatchSettings, threads: int) 
         device=args.device,
         precision=args.precision,
         image_size=args.image_size,
+        copy_stream=args.copy_stream,
+        cuda_graphs=args.cuda_graphs,
         batching=settings,
         batching_file=args.batching_config,
         watch_interval_s=args.watch_interval_s,
@@ -155,6 +167,8 @@ def _child_argv(args: argparse.Namespace, index: int, threads: int) -> list[str]
     argv += ["--max-queue-size", str(args.max_queue_size)]
     if args.batching_config is not None:
         argv += ["--batching-config", str(args.batching_config)]
+    argv += ["--copy-stream"] if args.copy_stream else []
+    argv += ["--cuda-graphs"] if args.cuda_graphs else []
     argv += ["--max-message-bytes", str(args.max_message_bytes)]
     argv += ["--grace-period-s", str(args.grace_period_s)]
     argv += ["--watch-interval-s", str(args.watch_interval_s)]

@@ -47,6 +47,8 @@ class WorkerConfig:
     device: str = "auto"
     precision: str = "fp32"
     image_size: int = 224
+    copy_stream: bool = False
+    cuda_graphs: bool = False
     batching: BatchSettings = field(default_factory=BatchSettings)
     batching_file: Path | None = None
     watch_interval_s: float = 1.0
@@ -67,7 +69,12 @@ def _build_runner(config: WorkerConfig) -> ModelRunner:
     device = resolve_device(config.device, config.worker_index)
     dtype = resolve_dtype(config.precision, device)
     runner = ModelRunner(
-        load_model(config.model), device=device, dtype=dtype, image_size=config.image_size
+        load_model(config.model),
+        device=device,
+        dtype=dtype,
+        image_size=config.image_size,
+        copy_stream=config.copy_stream,
+        cuda_graphs=config.cuda_graphs,
     )
     log.info("model %s on %s as %s", config.model, device, str(dtype).removeprefix("torch."))
     return runner
