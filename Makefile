@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= builtin:resnet18
 
-.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-tune bench-local bench-client bench-operator clean chart-sync-crd
+.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-tune gpu-check bench-local bench-client bench-operator clean chart-sync-crd
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ bench-server: setup ## raw model vs served frames/s and added latency (MODEL=bui
 
 bench-tune: setup ## inferencefleet tune vs an exhaustive sweep of the same grid (tune/sweep and time ratios)
 	@$(PY) bench/bench_tune.py
+
+gpu-check: setup ## on a machine with an NVIDIA GPU (<= 8 min): CUDA tests, resnet18 raw/served, 1/2/4 workers, tune
+	@$(PY) bench/gpu_check.py
 
 bench-local: setup ## 1 worker at batch 1 vs the example fleet's best configuration
 	@$(PY) bench/bench_local.py
