@@ -76,9 +76,11 @@ async def compare(args: argparse.Namespace) -> dict[str, object]:
             f"  {config.label():<22} {m.frames_per_s:8.1f} frames/s  p99 {m.p99_ms:7.1f} ms{mark}"
         )
     console.print(trials_table(outcome, args.p99_ms, "tune"))
+    time_ratio = outcome.elapsed_s / sweep_s
     if best is None or outcome.winner is None or outcome.confirmed is None:
-        print("no configuration met the p99 budget in the sweep; no ratio")
-        return {}
+        print("no configuration met the p99 budget in the sweep: no tune/sweep ratio")
+        print(f"time ratio: {time_ratio:.2f}")
+        return {"sweep_s": round(sweep_s, 2), "time_ratio": round(time_ratio, 3)}
     sweep_best = results[best].frames_per_s
     tune_fps = outcome.confirmed.frames_per_s if outcome.confirmed.within(args.p99_ms) else 0.0
     pick = results[outcome.winner]
@@ -91,7 +93,7 @@ async def compare(args: argparse.Namespace) -> dict[str, object]:
     )
     print(f"tune/sweep ratio: {tune_fps / sweep_best:.2f}")
     print(f"pick/sweep ratio: {pick_fps / sweep_best:.2f}")
-    print(f"time ratio: {outcome.elapsed_s / sweep_s:.2f}")
+    print(f"time ratio: {time_ratio:.2f}")
     return {
         "sweep_s": round(sweep_s, 2),
         "sweep_best": {"config": best.label(), "frames_per_s": round(sweep_best, 2)},
@@ -100,7 +102,7 @@ async def compare(args: argparse.Namespace) -> dict[str, object]:
         "tune": outcome_json(outcome, args.p99_ms),
         "tune_sweep_ratio": round(tune_fps / sweep_best, 3),
         "pick_sweep_ratio": round(pick_fps / sweep_best, 3),
-        "time_ratio": round(outcome.elapsed_s / sweep_s, 3),
+        "time_ratio": round(time_ratio, 3),
     }  # fmt: skip
 
 
