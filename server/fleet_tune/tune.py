@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import sys
 import tempfile
@@ -150,7 +149,7 @@ async def run_search(
     grid: Grid, schedule: Schedule, setup: Setup, run_dir: Path, console: Console
 ) -> tuple[Outcome, FleetBench]:
     """The search against real workers, one line per measurement as it goes."""
-    bench = FleetBench(setup, grid.workers, run_dir, functools.partial(_quiet, console))
+    bench = FleetBench(setup, grid.workers, run_dir, lambda _: None)  # fleet notices: in its log
 
     async def measure(config: Config, window_s: float) -> Measurement:
         m = await bench.measure(config, window_s)
@@ -172,10 +171,6 @@ async def run_search(
     finally:
         await bench.close()
     return outcome, bench
-
-
-def _quiet(console: Console, text: str) -> None:
-    """Fleet messages (workers started and stopped) only in the log, not on the screen."""
 
 
 def preflight(args: argparse.Namespace, grid: Grid) -> None:
