@@ -4,11 +4,14 @@ p99 budget, spends less than a sweep, keeps to its time budget; and the fleet.ya
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 
 import pytest
-from fleet_spec.spec import API_VERSION, KIND, parse_fleet
+from fleet_local.plan import LocalGpu, LocalHost, Options
+from fleet_spec.spec import API_VERSION, KIND, BatchingSpec, parse_fleet
+from fleet_tune.measure import Setup, spec_for_workers, thread_groups
 from fleet_tune.report import fragment, outcome_json
 from fleet_tune.search import (
     Config,
@@ -187,3 +190,31 @@ def test_fragment_names_workers_per_gpu_or_replicas_on_the_cpu() -> None:
     merged = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "x"},
               "spec": {"model": {"source": "builtin:tiny"}, **on_gpu}}  # fmt: skip
     assert parse_fleet(merged).gpu.workers_per_gpu == 4
+
+
+def _setup(cores: int, gpus: int) -> Setup:
+    spec = parse_fleet({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "x"},
+                        "spec": {"model": {"source": "builtin:tiny"}}})  # fmt: skip
+    host = LocalHost(cores, tuple(LocalGpu(i, "GPU", 49140) for i in range(gpus)))
+    return Setup(spec, host, Options(), largest_batch=16)
+
+
+def test_workers_are_pooled_by_their_torch_threads() -> None:
+    # 2 cores: 1 worker gets 2 threads; 2 and 4 workers get 1 each and share one pool of 4
+    assert thread_groups(_setup(2, 0), [1, 2, 4]) == {2: 1, 1: 4}
+    # a GPU with 16 cores: at most 4 threads each, so all three counts share one pool
+    assert thread_groups(_setup(16, 1), [1, 2, 4]) == {4: 4}
+
+
+def test_the_tuned_fleet_shares_a_gpu_by_time_slicing_unless_it_asked_for_mps() -> None:
+    setup = _setup(2, 1)
+    batching = BatchingSpec(8, 500, 64)
+    two = spec_for_workers(setup.spec, 2, batching)
+    assert (two.replicas, two.processes_per_pod, two.gpu.workers_per_gpu) == (2, 1, 2)
+    assert two.gpu.sharing == "timeSlicing"
+    assert two.batching == batching
+    assert spec_for_workers(setup.spec, 1, batching).gpu.sharing == "none"
+    mps = dataclasses.replace(setup.spec, gpu=dataclasses.replace(setup.spec.gpu, sharing="mps"))
+    assert spec_for_workers(mps, 4, batching).gpu.sharing == "mps"
+    assert setup.in_flight(Config(2, 8, 0)) == 32
+    assert setup.queue_size() >= 64
