@@ -212,6 +212,7 @@ async def measure(
     request = infer_request(default_name(args.model), frame)
     keys = ("raw", "stream", "unary", "p50", "raw_p50", "raw_cpu", "stream_cpu", "unary_cpu")
     keys += ("stream_cpu_all", "unary_cpu_all", "low_batched", "low_unbatched")
+    keys += ("low_batched_cpu", "low_unbatched_cpu")
     rounds: dict[str, list[float]] = {k: [] for k in keys}
     async with (
         InferenceClient(f"127.0.0.1:{ports[0]}") as client,
@@ -237,9 +238,10 @@ async def measure(
                 rounds[f"{mode}_cpu"].append(frames / worker_cpu)
                 rounds[f"{mode}_cpu_all"].append(frames / (worker_cpu + client_cpu))
             # batching at low concurrency: the same worker settings with maxBatchSize 1
-            low = args.low_in_flight
-            rounds["low_batched"].append((await load.unary_fps(low, args.seconds, 1.0))[0])
-            rounds["low_unbatched"].append((await unbatched.unary_fps(low, args.seconds, 1.0))[0])
+            for name, which in (("low_batched", load), ("low_unbatched", unbatched)):
+                fps, frames = await which.unary_fps(args.low_in_flight, args.seconds, 1.0)
+                rounds[name].append(fps)
+                rounds[f"{name}_cpu"].append(frames / which.window_cpu()[0])
     return rounds
 
 
@@ -317,6 +319,11 @@ def main() -> int:
     print(
         f"batched/unbatched ratio at {args.low_in_flight} in flight: "
         f"{med['low_batched'] / med['low_unbatched']:.2f}"
+    )
+    print(
+        f"batched/unbatched ratio per worker CPU-second at {args.low_in_flight} in flight: "
+        f"{med['low_batched_cpu'] / med['low_unbatched_cpu']:.2f} "
+        f"({show(rounds['low_batched_cpu'])} vs {show(rounds['low_unbatched_cpu'])} frames)"
     )
     print(
         f"frames per CPU-second (median): raw {med['raw_cpu']:.1f}; "
