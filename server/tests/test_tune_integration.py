@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +20,12 @@ SERVER_DIR = Path(__file__).resolve().parents[1]
 
 
 def free_port_run(length: int) -> int:
-    """The first of `length` consecutive free ports on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = int(probe.getsockname()[1])
-        if first + length < 65536 and not taken_ports(
-            "127.0.0.1", list(range(first, first + length))
-        ):
+    """The first of `length` consecutive free ports on 127.0.0.1, below Linux's ephemeral range
+    (32768 and up), so that no outgoing connection takes one before the workers bind them."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000 - length)
+        if not taken_ports("127.0.0.1", list(range(first, first + length))):
             return first
     raise RuntimeError("no run of free ports")
 
