@@ -115,7 +115,7 @@ def start_worker(args: argparse.Namespace, port: int, batch: int) -> subprocess.
             "--max-queue-delay-us", str(args.max_queue_delay_us),
             "--max-queue-size", str(max(64, 4 * args.in_flight)),
         ],
-        env={**os.environ, "PYTHONPATH": str(ROOT / "server")},
+        env={**os.environ, "PYTHONPATH": f"{ROOT / 'server'}:{ROOT / 'operator'}"},
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -204,12 +204,12 @@ async def measure(
 ) -> dict[str, Any]:
     import numpy as np
     from fleet_client.client import InferenceClient, infer_request
-    from fleet_server.models import default_name
+    from fleet_spec.contract import served_model_name
 
     frame = np.random.default_rng(1).integers(
         0, 256, (1, args.image_size, args.image_size, 3), np.uint8
     )
-    request = infer_request(default_name(args.model), frame)
+    request = infer_request(served_model_name(args.model), frame)
     keys = ("raw", "stream", "unary", "p50", "raw_p50", "raw_cpu", "stream_cpu", "unary_cpu")
     keys += ("stream_cpu_all", "unary_cpu_all", "low_batched", "low_unbatched")
     keys += ("low_batched_cpu", "low_unbatched_cpu")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "server")]
+sys.path[:0] = [str(ROOT / "server"), str(ROOT / "operator")]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 WARMUP_S = 2.0
@@ -60,7 +60,7 @@ def free_port() -> int:
 
 def load(args: argparse.Namespace, port: int, out: dict[str, object]) -> None:
     """In a thread: wait for the worker, run the benchmark, then SIGTERM this process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "server")}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'server'}:{ROOT / 'operator'}"}
     # the worker's gRPC runs on this process's event loop: wait for SERVING from another process
     wait = (
         "import asyncio, sys; from fleet_client.client import InferenceClient\n"

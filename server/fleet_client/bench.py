@@ -23,14 +23,7 @@ from fleet_client.argtypes import (
     positive_seconds,
 )
 from fleet_client.frames import FramesError, build_requests
-from fleet_client.loadgen import (
-    LoadGenerator,
-    TargetError,
-    Targets,
-    channel_options,
-    check_ready,
-    parse_targets,
-)
+from fleet_client.loadgen import LoadGenerator, channel_options, check_ready
 from fleet_client.messages import (
     MODEL_METADATA,
     REPOSITORY_INDEX,
@@ -42,6 +35,7 @@ from fleet_client.messages import (
 )
 from fleet_client.report import best_step, plot_sweep, result_table, sweep_json
 from fleet_client.results import StepResult
+from fleet_client.targets import TargetError, Targets, parse_targets
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
 

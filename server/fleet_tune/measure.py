@@ -15,12 +15,14 @@ import grpc
 import grpc.aio
 from fleet_client.bench import model_input
 from fleet_client.frames import build_requests
-from fleet_client.loadgen import LoadGenerator, channel_options, parse_targets
+from fleet_client.loadgen import LoadGenerator, channel_options
 from fleet_client.messages import MODEL_CONFIG, decode_batching, encode_model_config_request
+from fleet_client.targets import parse_targets
 from fleet_local.fleet import Fleet
 from fleet_local.plan import LocalHost, Options, threads_per_worker
 from fleet_local.worker import Policy, tail
-from fleet_spec.spec import BatchingSpec, FleetSpec
+from fleet_spec.contract import BatchSettings
+from fleet_spec.spec import FleetSpec
 
 from fleet_tune.search import Config, Measurement
 
@@ -34,7 +36,7 @@ class TuneError(RuntimeError):
     """The tuner cannot go on (a worker that does not start, a setting it does not take)."""
 
 
-def spec_for_workers(spec: FleetSpec, workers: int, batching: BatchingSpec) -> FleetSpec:
+def spec_for_workers(spec: FleetSpec, workers: int, batching: BatchSettings) -> FleetSpec:
     """The fleet as the tuner runs it: `workers` processes on one GPU (or the CPU), one per
     replica; GPU sharing on when there is more than one (time-slicing unless the manifest chose
     MPS)."""
@@ -117,7 +119,7 @@ class FleetBench:
         """Start every fleet and wait until all their workers are ready."""
         began = time.monotonic()
         setup = self.setup
-        batching = BatchingSpec(setup.largest_batch, 0, setup.queue_size())
+        batching = BatchSettings(setup.largest_batch, 0, setup.queue_size())
         policy = Policy(
             check_period_s=0.25, crash_loop_after=2, start_timeout_s=setup.start_timeout_s
         )
@@ -179,7 +181,7 @@ class FleetBench:
         wanted = (config.max_batch_size, config.max_queue_delay_us)
         if wanted == pool.applied:
             return
-        pool.fleet.write_batching(BatchingSpec(*wanted, self.setup.queue_size()))
+        pool.fleet.write_batching(BatchSettings(*wanted, self.setup.queue_size()))
         pool.applied = None
         request = encode_model_config_request(self._model)
         deadline = time.monotonic() + _APPLY_TIMEOUT_S

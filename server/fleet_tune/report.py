@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fleet_spec.spec import BatchingSpec, FleetSpec
+from fleet_spec.contract import BatchSettings
+from fleet_spec.spec import FleetSpec
 from rich.table import Table
 
 from fleet_tune.measure import spec_for_workers
@@ -47,8 +48,8 @@ def trials_table(outcome: Outcome, p99_budget_ms: float, title: str) -> Table:
 def fragment(spec: FleetSpec, config: Config, on_gpu: bool) -> dict[str, Any]:
     """The fleet.yaml lines the result changes (merge them into spec:)."""
     queue = max(spec.batching.max_queue_size, config.max_batch_size)
-    batching = BatchingSpec(config.max_batch_size, config.max_queue_delay_us, queue)
-    body: dict[str, Any] = {"batching": batching.as_config()}
+    batching = BatchSettings(config.max_batch_size, config.max_queue_delay_us, queue)
+    body: dict[str, Any] = {"batching": batching.to_mapping()}
     if on_gpu:
         gpu = spec_for_workers(spec, config.workers, batching).gpu
         body["gpu"] = {"sharing": gpu.sharing, "workersPerGPU": gpu.workers_per_gpu}

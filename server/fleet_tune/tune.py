@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from fleet_client.argtypes import at_least_one, int_list, non_negative_seconds, positive_seconds
-from fleet_client.loadgen import TargetError
+from fleet_client.targets import TargetError
 from fleet_local.host import discover
 from fleet_local.manifest import check_model_file, read_fleet
 from fleet_local.plan import LocalHost, Options

@@ -10,7 +10,8 @@ import random
 
 import pytest
 from fleet_local.plan import LocalGpu, LocalHost, Options
-from fleet_spec.spec import API_VERSION, KIND, BatchingSpec, parse_fleet
+from fleet_spec.contract import BatchSettings
+from fleet_spec.spec import API_VERSION, KIND, parse_fleet
 from fleet_tune.measure import Setup, spec_for_workers, thread_groups
 from fleet_tune.report import fragment, outcome_json
 from fleet_tune.search import (
@@ -208,7 +209,7 @@ def test_workers_are_pooled_by_their_torch_threads() -> None:
 
 def test_the_tuned_fleet_shares_a_gpu_by_time_slicing_unless_it_asked_for_mps() -> None:
     setup = _setup(2, 1)
-    batching = BatchingSpec(8, 500, 64)
+    batching = BatchSettings(8, 500, 64)
     two = spec_for_workers(setup.spec, 2, batching)
     assert (two.replicas, two.processes_per_pod, two.gpu.workers_per_gpu) == (2, 1, 2)
     assert two.gpu.sharing == "timeSlicing"
