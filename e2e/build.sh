@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build (or reuse) the pinned test-cluster binaries: etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubectl, kwok, helm, plus kwok's stages.
+# kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy, e2e's own
+# device plugin (e2e-device-plugin) and pause (e2e-pause), kwok, helm, plus kwok's stages.
 #
 # Everything goes through the Go module proxy into a cache outside the repo:
 #   ${INFERENCEFLEET_CLUSTER_CACHE:-~/.cache/inferencefleet/cluster}/<key>/bin
@@ -15,12 +16,13 @@
 set -euo pipefail
 
 # Bump when the build recipe (flags, ldflags, outputs) changes: it is part of the key.
-RECIPE=4
+RECIPE=5
 
 e2e="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=versions.env
 source "$e2e/versions.env"
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy
+          e2e-device-plugin e2e-pause kwok helm)
 
 log() { printf '[cluster-build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[cluster-build] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -43,7 +45,7 @@ version_ge "${go_version#go}" "$GO_MIN_VERSION" \
 
 cache_root="${INFERENCEFLEET_CLUSTER_CACHE:-$HOME/.cache/inferencefleet/cluster}"
 key="$( { echo "recipe=$RECIPE go=$go_version"; cat "$e2e/versions.env" \
-          "$e2e"/go/{k8s,kwok,helm}/go.{mod,sum}; } | sha256sum | cut -c1-16)"
+          "$e2e"/go/{k8s,kwok,helm}/go.{mod,sum} "$e2e"/go/k8s/*/*.go; } | sha256sum | cut -c1-16)"
 dir="$cache_root/$key"
 bin="$dir/bin"
 
@@ -118,7 +120,8 @@ go_build() {
   log "built $label in $((SECONDS - t0)) s"
 }
 
-# --- Kubernetes control plane + kubectl + etcd (one go build: shared packages compile once)
+# --- Kubernetes control plane, node, kubectl, etcd and e2e's device plugin (one go build:
+# shared packages compile once)
 k8s_major=1
 k8s_minor_num="$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
 # buildDate: the release's publication time from the module proxy (reproducible).
@@ -136,9 +139,13 @@ go_build "kubernetes ${KUBERNETES_VERSION} + etcd ${ETCD_VERSION}" "$e2e/go/k8s"
   -trimpath -ldflags "-s -w${kver} -X go.etcd.io/etcd/api/v3/version.GitSHA=${ETCD_VERSION}" \
   -o "$tmp/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl \
+  k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy \
+  go.etcd.io/etcd/server/v3 ./deviceplugin ./pause
 # go names the binary of go.etcd.io/etcd/server/v3 "server".
 mv "$tmp/server" "$tmp/etcd"
+mv "$tmp/deviceplugin" "$tmp/e2e-device-plugin"
+mv "$tmp/pause" "$tmp/e2e-pause"
 
 # --- kwok
 go_build "kwok ${KWOK_VERSION}" "$e2e/go/kwok" \
@@ -169,6 +176,10 @@ chmod -R u+w "$dir/stages.tmp"
 # --- check every binary runs and reports the pinned version
 "$tmp/kube-apiserver" --version | grep -qx "Kubernetes ${KUBERNETES_VERSION}" \
   || die "kube-apiserver --version says '$("$tmp/kube-apiserver" --version)', expected ${KUBERNETES_VERSION}"
+for b in kubelet kube-proxy; do
+  "$tmp/$b" --version | grep -qx "Kubernetes ${KUBERNETES_VERSION}" \
+    || die "$b --version says '$("$tmp/$b" --version)', expected ${KUBERNETES_VERSION}"
+done
 "$tmp/kubectl" version --client -o yaml | grep -q "gitVersion: ${KUBERNETES_VERSION}" \
   || die "kubectl does not report ${KUBERNETES_VERSION}"
 "$tmp/etcd" --version | grep -q "etcd Version: ${ETCD_VERSION#v}" \

@@ -212,11 +212,14 @@ def node_patches(
 class StandIn:
     """Watches the ConfigMap and the nodes; reconciles every GPU node on any change."""
 
-    def __init__(self, namespace: str, name: str) -> None:
+    def __init__(self, namespace: str, name: str, real_nodes: dict[str, str] | None = None) -> None:
         from kubernetes import client
 
         self.core = client.CoreV1Api()
         self.namespace, self.name = namespace, name
+        # Nodes with a kubelet: their status belongs to the kubelet, so the device count
+        # goes to the file their device plugin (e2e-device-plugin) advertises from.
+        self.real_nodes = real_nodes or {}
         self.wake = threading.Event()
         self.stop = threading.Event()
 
@@ -240,6 +243,9 @@ class StandIn:
         for node in nodes:
             name = node["metadata"]["name"]
             meta_patch, status_patch = node_patches(node, configs)
+            if name in self.real_nodes:
+                self._write_devices(name, node, configs)
+                status_patch = None
             if status_patch:
                 log.info("node %s: status %s", name, status_patch["status"])
                 self.core.patch_node_status(name, status_patch)
@@ -247,6 +253,25 @@ class StandIn:
                 log.info("node %s: labels %s", name, meta_patch["metadata"]["labels"])
                 self.core.patch_node(name, meta_patch)
         return len(nodes)
+
+    def _write_devices(
+        self, name: str, node: dict[str, Any], configs: dict[str, str] | None
+    ) -> None:
+        labels = node["metadata"].get("labels") or {}
+        sharing = sharing_for_node(labels, configs)
+        if sharing is None:
+            return
+        want = desired_state(int(labels[LABEL_COUNT]), labels[LABEL_PRODUCT], sharing)
+        count = max(want.resources.values())
+        path = self.real_nodes[name]
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            if f.read().strip() == str(count):
+                return
+        log.info("node %s: %d devices (%s)", name, count, path)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{count}\n")
+        os.replace(tmp, path)
 
     def _watch(self, what: str) -> None:
         from kubernetes import watch
@@ -298,12 +323,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
     parser.add_argument("--namespace", default=CONFIG_NAMESPACE)
     parser.add_argument("--configmap", default=CONFIG_NAME)
+    parser.add_argument(
+        "--real-node",
+        action="append",
+        default=[],
+        metavar="NODE=FILE",
+        help="a node with a kubelet: write its device count to FILE instead of its status",
+    )
     args = parser.parse_args(argv)
+    real_nodes = dict(r.split("=", 1) for r in args.real_node)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from kubernetes import config
 
     config.load_kube_config(config_file=args.kubeconfig)
-    standin = StandIn(args.namespace, args.configmap)
+    standin = StandIn(args.namespace, args.configmap, real_nodes)
     with contextlib.suppress(ValueError):  # not the main thread: no signal handling
         signal.signal(signal.SIGTERM, lambda *_: (standin.stop.set(), standin.wake.set()))
     standin.run()
