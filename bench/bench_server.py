@@ -187,12 +187,12 @@ async def measure(
 ) -> dict[str, Any]:
     import numpy as np
     from fleet_client.client import InferenceClient, infer_request
-    from fleet_server.models import default_name
+    from fleet_spec.contract import served_model_name
 
     frame = np.random.default_rng(1).integers(
         0, 256, (1, args.image_size, args.image_size, 3), np.uint8
     )
-    request = infer_request(default_name(args.model), frame)
+    request = infer_request(served_model_name(args.model), frame)
     keys = ("raw", "stream", "unary", "p50", "raw_p50", "raw_cpu", "stream_cpu", "unary_cpu")
     keys += ("stream_cpu_all", "unary_cpu_all")
     rounds: dict[str, list[float]] = {k: [] for k in keys}
@@ -261,7 +261,7 @@ def main() -> int:
                 "--max-queue-delay-us", str(args.max_queue_delay_us),
                 "--max-queue-size", str(max(64, 4 * args.in_flight)),
             ],
-            env={**os.environ, "PYTHONPATH": str(ROOT / "server")},
+            env={**os.environ, "PYTHONPATH": f"{ROOT / 'server'}:{ROOT / 'operator'}"},
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         rounds = asyncio.run(measure(args, raw, port, server.pid, batch))

@@ -145,7 +145,9 @@ def write_files(state: State, ports: dict[str, int], tokens: dict[str, str]) -> 
     cd = cdir(d)
     cd.mkdir()
     NODE_HOME.mkdir(parents=True, exist_ok=True)
-    devices_file(d).write_text("0\n")
+    # The seam for the node's sharing config: whatever applies it writes physical GPUs x
+    # replicas here; until then the node advertises its physical GPUs.
+    devices_file(d).write_text(f"{GPUS}\n")
     toml = f"""\
 version = 2
 root = "{NODE_HOME / "containerd"}"

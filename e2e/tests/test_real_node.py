@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from e2ecluster import realnode
 from e2ecluster.cluster import KWOK_NODE_IP, POD_CIDR, SERVICE_CIDR
-from e2ecluster.deviceplugin import CONFIG_NAME, CONFIG_NAMESPACE, LABEL_CONFIG
 from e2ecluster.handle import Cluster, pinned_versions, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -116,28 +115,15 @@ def test_pod_runs_on_the_real_node_with_a_bridge_address(
 
 
 @pytest.fixture
-def sharing_config(cluster: Cluster, node: str) -> Iterator[str]:
-    """A time-slicing key in the device-plugin ConfigMap; removed, with the node's label, after."""
-    key = "realnode-ts4"
-    config = (
-        "version: v1\nsharing:\n  timeSlicing:\n"
-        "    resources:\n      - name: nvidia.com/gpu\n        replicas: 4\n"
-    )
-    have = cluster.kubectl("get", "configmap", "-n", CONFIG_NAMESPACE, CONFIG_NAME, check=False)
-    if have.returncode != 0:
-        cluster.kubectl("create", "configmap", "-n", CONFIG_NAMESPACE, CONFIG_NAME)
-    patch = json.dumps({"data": {key: config}})
-    cluster.kubectl(
-        "patch", "configmap", "-n", CONFIG_NAMESPACE, CONFIG_NAME, "--type=merge", "-p", patch
-    )
+def shared_devices(cluster: Cluster, node: str) -> Iterator[int]:
+    """Four devices in the file e2e-device-plugin advertises from (what a time-slicing
+    config with 4 replicas gives one GPU); back to one GPU after."""
+    path = realnode.devices_file(cluster.state.dir)
+    path.write_text("4\n")
     try:
-        yield key
+        yield 4
     finally:
-        cluster.kubectl("label", "node", node, f"{LABEL_CONFIG}-")
-        unset = json.dumps({"data": {key: None}})
-        cluster.kubectl(
-            "patch", "configmap", "-n", CONFIG_NAMESPACE, CONFIG_NAME, "--type=merge", "-p", unset
-        )
+        path.write_text(f"{realnode.GPUS}\n")
         wait_until(
             "the real node back at one GPU",
             lambda: (
@@ -149,15 +135,13 @@ def sharing_config(cluster: Cluster, node: str) -> Iterator[str]:
 
 
 def test_kubelet_advertises_and_allocates_the_shared_gpus(
-    cluster: Cluster, namespace: str, node: str, sharing_config: str
+    cluster: Cluster, namespace: str, node: str, shared_devices: int
 ) -> None:
-    cluster.kubectl("label", "node", node, f"{LABEL_CONFIG}={sharing_config}", "--overwrite")
     wait_until(
         "allocatable nvidia.com/gpu=4 on the real node (device plugin -> kubelet)",
         lambda: _node(cluster, node)["status"]["allocatable"].get("nvidia.com/gpu") == "4",
         timeout=60,
     )
-    assert _node(cluster, node)["metadata"]["labels"]["nvidia.com/gpu.replicas"] == "4"
     gpu = {"limits": {"nvidia.com/gpu": "1"}}
     for i in range(5):
         _apply(cluster, namespace, _pod(f"gpu-{i}", node, gpu))

@@ -7,8 +7,10 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from fleet_spec.spec import BatchingSpec, FleetSpec
+from fleet_spec.contract import BatchSettings
+from fleet_spec.spec import FleetSpec
 
 from fleet_local.plan import LocalHost, Options, WorkerPlan, plan_workers, same_process
 from fleet_local.worker import Policy, Worker
@@ -45,8 +47,8 @@ class Fleet:
     def plans(self, spec: FleetSpec) -> list[WorkerPlan]:
         return plan_workers(spec, self.host, self.options, self.batching_file)
 
-    def write_batching(self, batching: BatchingSpec) -> None:
-        write_atomically(self.batching_file, json.dumps(batching.as_config(), indent=2) + "\n")
+    def write_batching(self, batching: BatchSettings) -> None:
+        write_atomically(self.batching_file, json.dumps(batching.to_mapping(), indent=2) + "\n")
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +65,7 @@ class Fleet:
         return [self.workers[index] for index in sorted(self.workers)]
 
     def endpoints(self) -> list[str]:
-        return [f"{self.options.host}:{w.plan.port}" for w in self.ordered()]
+        return [w.address for w in self.ordered()]
 
     def all_ready(self) -> bool:
         return bool(self.workers) and all(w.state == "ready" for w in self.workers.values())
@@ -113,7 +115,27 @@ class Fleet:
         await asyncio.gather(*(w.stop(self.kill_after_s) for w in every))
 
 
-def _batching_text(batching: BatchingSpec) -> str:
+def status_document(fleet: Fleet, stopped: bool = False) -> dict[str, Any]:
+    """The fleet's state for programs (`run --status-file`): the batching it applies, and per
+    worker its pid, address, state and restarts."""
+    return {
+        "stopped": stopped,
+        "ready": fleet.all_ready() and not stopped,
+        "batching": fleet.spec.batching.to_mapping(),
+        "workers": [
+            {
+                "name": worker.plan.name,
+                "pid": worker.pid,
+                "address": worker.address,
+                "state": "stopped" if stopped else worker.state,
+                "restarts": worker.restarts,
+            }
+            for worker in fleet.ordered()
+        ],
+    }
+
+
+def _batching_text(batching: BatchSettings) -> str:
     return (
         f"(batch {batching.max_batch_size}, delay {batching.max_queue_delay_us} us, "
         f"queue {batching.max_queue_size})"

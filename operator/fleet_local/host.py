@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
+
+from fleet_spec.cpus import available_cpus
 
 from fleet_local.plan import LocalGpu, LocalHost
 
@@ -37,10 +38,6 @@ def local_gpus() -> tuple[LocalGpu, ...]:
     return parse_nvidia_smi(done.stdout) if done.returncode == 0 else ()
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask, not the machine's total)."""
-    return len(os.sched_getaffinity(0))
-
-
 def discover() -> LocalHost:
-    return LocalHost(cores=cpu_cores(), gpus=local_gpus())
+    """This machine's GPUs and the CPUs this process may use (affinity and cgroup quota)."""
+    return LocalHost(cores=available_cpus(), gpus=local_gpus())

@@ -4,10 +4,11 @@ with how many threads, and whether the fleet fits this machine."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fleet_spec.capacity import Capacity, GpuHost, check_capacity, processes_per_gpu
+from fleet_spec.contract import WorkerSettings
 from fleet_spec.spec import FleetSpec
 
 ACCELERATOR_NAME = "local"
@@ -48,16 +49,31 @@ class WorkerPlan:
 
     index: int
     replica: int
-    port: int
-    metrics_port: int
     device: str  # shown in the table: "cpu" or "cuda:<physical index>"
-    threads: int
-    argv: tuple[str, ...]
+    settings: WorkerSettings
+    python: str = sys.executable
     env: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def name(self) -> str:
         return f"w{self.index}"
+
+    @property
+    def port(self) -> int:
+        return self.settings.port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.settings.metrics_port
+
+    @property
+    def threads(self) -> int:
+        assert self.settings.threads is not None
+        return self.settings.threads
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return (self.python, "-m", "inferencefleet.cli", "serve", *self.settings.to_argv())
 
 
 @dataclass(frozen=True)
@@ -114,27 +130,25 @@ def local_capacity(spec: FleetSpec, host: LocalHost) -> Capacity:
     return check_capacity(spec, [gpu_host])
 
 
-def serve_argv(
+def worker_settings(
     spec: FleetSpec, options: Options, port: int, metrics_port: int, device: str, threads: int,
     batching_file: Path,
-) -> tuple[str, ...]:  # fmt: skip
-    argv = [
-        options.python, "-m", "inferencefleet.cli", "serve",
-        "--model", spec.model.source,
-        "--model-name", spec.model.served_name,
-        "--host", options.host,
-        "--port", str(port),
-        "--metrics-port", str(metrics_port),
-        "--workers", "1",
-        "--device", device,
-        "--precision", spec.model.precision,
-        "--threads", str(threads),
-        "--batching-config", str(batching_file),
-        "--grace-period-s", f"{options.grace_period_s:g}",
-    ]  # fmt: skip
-    if options.image_size is not None:
-        argv += ["--image-size", str(options.image_size)]
-    return tuple(argv)
+) -> WorkerSettings:  # fmt: skip
+    """One local worker's `serve` settings; batching comes from the file `run` rewrites, so
+    a batching edit changes no argument and restarts no worker."""
+    return WorkerSettings(
+        model=spec.model.source,
+        model_name=spec.model.served_name,
+        host=options.host,
+        port=port,
+        metrics_port=metrics_port,
+        device=device,
+        precision=spec.model.precision,
+        threads=threads,
+        image_size=options.image_size or WorkerSettings.image_size,
+        batching_config=batching_file,
+        grace_period_s=options.grace_period_s,
+    )
 
 
 def plan_workers(
@@ -156,10 +170,10 @@ def plan_workers(
         else:
             device = shown = "cpu"
             env.append(("CUDA_VISIBLE_DEVICES", ""))
-        argv = serve_argv(spec, options, port, metrics_port, device, where.threads, batching_file)
-        plans.append(
-            WorkerPlan(index, replica, port, metrics_port, shown, where.threads, argv, tuple(env))
+        settings = worker_settings(
+            spec, options, port, metrics_port, device, where.threads, batching_file
         )
+        plans.append(WorkerPlan(index, replica, shown, settings, options.python, tuple(env)))
     return plans
 
 
@@ -168,10 +182,8 @@ def same_process(a: WorkerPlan, b: WorkerPlan) -> bool:
     sized when a worker starts, so a scale change alone does not restart the workers it keeps."""
 
     def key(plan: WorkerPlan) -> tuple[object, ...]:
-        argv = list(plan.argv)
-        at = argv.index("--threads")
-        del argv[at : at + 2]
+        settings = replace(plan.settings, threads=None)
         env = tuple(item for item in plan.env if item[0] != "OMP_NUM_THREADS")
-        return plan.index, plan.port, plan.metrics_port, plan.device, tuple(argv), env
+        return plan.index, plan.device, plan.python, settings, env
 
     return key(a) == key(b)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import json
 import signal
 import socket
 import sys
@@ -19,7 +20,7 @@ from fleet_spec.spec import FleetSpec, FleetSpecError
 from rich.console import Console
 from rich.live import Live
 
-from fleet_local.fleet import Fleet, write_atomically
+from fleet_local.fleet import Fleet, status_document, write_atomically
 from fleet_local.host import discover
 from fleet_local.manifest import check_model_file, read_fleet, watch_file
 from fleet_local.plan import LocalHost, Options, local_capacity, placement, plan_workers
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ready-file", type=Path, help="write the endpoints here once all are ready"
+    )
+    parser.add_argument(
+        "--status-file",
+        type=Path,
+        help="keep the fleet's state here as JSON (workers' pid, address, state, restarts; the "
+        "batching applied), for scripts",
     )
     parser.add_argument("--no-table", action="store_true", help="log lines instead of a live table")
     parser.add_argument(
@@ -124,6 +131,16 @@ class Runner:
         self.table = not args.no_table and console.is_terminal
         self._announced: list[str] = []
         self._states: dict[str, str] = {}
+        self._status = ""
+
+    def write_status(self, stopped: bool = False) -> None:
+        """Rewrite --status-file when the fleet's state changed."""
+        if self.args.status_file is None:
+            return
+        text = json.dumps(status_document(self.fleet, stopped), indent=2) + "\n"
+        if text != self._status:
+            write_atomically(self.args.status_file, text)
+            self._status = text
 
     def say(self, text: str) -> None:
         say(self.console, text)
@@ -172,6 +189,7 @@ class Runner:
                 await self.fleet.scrape()
             if not self.table:
                 self._log_states()
+            self.write_status()
             self._announce()
             failed = self.fleet.failed_at_start()
             if failed is not None and not self._announced:
@@ -224,6 +242,7 @@ async def _run(args: argparse.Namespace, spec: FleetSpec, host: LocalHost, optio
         await asyncio.gather(watcher, return_exceptions=True)
         runner.say(f"stopping {len(fleet.workers)} workers (draining)")
         await fleet.stop()
+    runner.write_status(stopped=True)
     runner.say("stopped: no worker left running")
     return code
 

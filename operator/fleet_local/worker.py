@@ -14,12 +14,12 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+from fleet_spec.contract import HEALTH_SERVICE
 from grpc_health.v1 import health_pb2
 
 from fleet_local.plan import WorkerPlan
 from fleet_local.scrape import Rates, fetch_metrics, parse_metrics
 
-HEALTH_SERVICE = "inference.GRPCInferenceService"
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _HealthCheck = grpc.aio.UnaryUnaryMultiCallable[
     health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
@@ -52,6 +52,19 @@ def _die_with_parent() -> None:
     """In the child: get SIGTERM if `inferencefleet run` itself dies, so no worker outlives it."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def dial_host(host: str) -> str:
+    """Where to reach a worker that listens on `host`: the address itself, or IPv4 loopback for
+    a wildcard (0.0.0.0; :: is dual-stack, or 0.0.0.0 on a machine without IPv6)."""
+    host = host.strip("[]")
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def dial_address(host: str, port: int) -> str:
+    """host:port to dial, with an IPv6 literal in brackets."""
+    host = dial_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def tail(path: Path, lines: int = 12) -> list[str]:
@@ -95,7 +108,7 @@ class Worker:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.plan.port}"
+        return dial_address(self.plan.settings.host, self.plan.port)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name=f"worker {self.plan.name}")
@@ -199,7 +212,7 @@ class Worker:
         if self.state != "ready" or not self.plan.metrics_port:
             return
         try:
-            text = await fetch_metrics("127.0.0.1", self.plan.metrics_port)
+            text = await fetch_metrics(dial_host(self.plan.settings.host), self.plan.metrics_port)
         except (OSError, TimeoutError, ValueError):
             return
         with contextlib.suppress(ValueError):

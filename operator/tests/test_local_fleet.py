@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -28,7 +27,6 @@ pytestmark = pytest.mark.integration
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
 DEADLINE_S = 180.0
-_STATE = re.compile(r"^(w\d+) pid (\d+) port (\d+) \S+: (\S+) \(restarts (\d+)\)$")
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout_s: float = DEADLINE_S) -> None:
@@ -94,21 +92,24 @@ class LocalFleet:
     manifest: Path
     output: Path
     ready_file: Path
+    status_file: Path
     log_dir: Path
     metrics_base: int
 
-    def lines(self) -> list[str]:
-        return self.output.read_text().splitlines()
+    def status(self) -> dict[str, Any]:
+        """What `run --status-file` says now ({} before its first write)."""
+        try:
+            status: dict[str, Any] = json.loads(self.status_file.read_text())
+        except FileNotFoundError:
+            return {}
+        return status
 
     def workers(self) -> dict[str, tuple[int, str, int]]:
-        """Latest (pid, state, restarts) per worker, from the state lines `run` prints."""
-        latest: dict[str, tuple[int, str, int]] = {}
-        for line in self.lines():
-            match = _STATE.match(line.strip())
-            if match:
-                name, pid, _, state, restarts = match.groups()
-                latest[name] = (int(pid), state, int(restarts))
-        return latest
+        """(pid, state, restarts) per worker, from the status file."""
+        return {
+            w["name"]: (w["pid"], w["state"], w["restarts"])
+            for w in self.status().get("workers", [])
+        }
 
     def endpoints(self) -> list[str]:
         try:
@@ -165,11 +166,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
         "--model", "builtin:tiny", "--image-size", "64", "--threads", "1",
         "--port", str(port), "--metrics-port", str(metrics),
         "--log-dir", str(log_dir), "--ready-file", str(root / "ready"),
+        "--status-file", str(root / "status.json"),
         "--no-table", "--grace-period-s", "2", "--backoff-s", "0.5", "--unresponsive-s", "3",
     ]  # fmt: skip
     with output.open("w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
-    running = LocalFleet(process, manifest, output, root / "ready", log_dir, metrics)
+    running = LocalFleet(
+        process, manifest, output, root / "ready", root / "status.json", log_dir, metrics
+    )
     try:
         wait_for(
             "3 ready workers", lambda: len(running.endpoints()) == 3 or process.poll() is not None
@@ -233,7 +237,7 @@ def test_worker_that_stops_answering_is_restarted(fleet: LocalFleet) -> None:
 def test_batching_change_applies_live(fleet: LocalFleet) -> None:
     pids = {name: w[0] for name, w in fleet.workers().items()}
     write_fleet(fleet.manifest, replicas=3, max_batch_size=2)
-    wait_for("the change", lambda: any("applied live" in line for line in fleet.lines()))
+    wait_for("the change", lambda: fleet.status()["batching"]["maxBatchSize"] == 2)
     wait_for(
         "every worker to report maxBatchSize 2",
         lambda: all(max_batch_size(endpoint) == 2 for endpoint in fleet.endpoints()),
@@ -266,4 +270,6 @@ def test_ctrl_c_drains_and_leaves_no_process(fleet: LocalFleet) -> None:
     assert fleet.process.wait(timeout=60) == 0
     assert processes_with(str(fleet.log_dir)) == []
     assert not any(alive(pid) for pid in workers)
-    assert "stopped: no worker left running" in fleet.lines()[-1]
+    status = fleet.status()
+    assert status["stopped"]
+    assert {w["state"] for w in status["workers"]} == {"stopped"}

@@ -21,7 +21,9 @@ from fleet_local.plan import (
 )
 from fleet_local.run import RefusedError, preflight
 from fleet_local.run import main as run_main
-from fleet_local.scrape import Rates, Sample, histogram_quantile, parse_metrics
+from fleet_local.scrape import Rates, histogram_quantile, parse_metrics
+from fleet_local.worker import dial_address
+from fleet_spec.contract import WorkerSettings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
 CPU_HOST = LocalHost(cores=2)
@@ -41,11 +43,12 @@ def test_example_fleet_on_two_cpu_cores() -> None:
         ("w0", 8001, 9001, "cpu", 1),
         ("w1", 8002, 9002, "cpu", 1),
     ]
-    argv = plans[0].argv
-    assert argv[argv.index("--model") + 1] == "builtin:resnet18"
-    assert argv[argv.index("--workers") + 1] == "1"
-    assert argv[argv.index("--host") + 1] == "127.0.0.1"
-    assert argv[argv.index("--batching-config") + 1] == str(BATCHING)
+    assert plans[0].argv[1:4] == ("-m", "inferencefleet.cli", "serve")
+    serve = WorkerSettings.from_argv(list(plans[0].argv[4:]))  # what the worker will parse
+    assert serve == plans[0].settings
+    assert (serve.model, serve.served_name, serve.workers) == ("builtin:resnet18", "resnet18", 1)
+    assert (serve.host, serve.port, serve.threads) == ("127.0.0.1", 8001, 1)
+    assert serve.batching_config == BATCHING
     assert _env(plans[0].env)["OMP_WAIT_POLICY"] == "PASSIVE"
     assert _env(plans[0].env)["CUDA_VISIBLE_DEVICES"] == ""
     notice = placement(spec, CPU_HOST, Options()).notice
@@ -65,7 +68,7 @@ def test_one_worker_gets_every_core_and_overrides_win() -> None:
         replace(spec, replicas=2), CPU_HOST, Options(metrics_port=0), BATCHING
     )
     assert [p.metrics_port for p in no_metrics] == [0, 0]
-    assert plan.argv[plan.argv.index("--image-size") + 1] == "64"
+    assert WorkerSettings.from_argv(list(plan.argv[4:])).image_size == 64
 
 
 def test_replicas_go_round_the_gpus_and_share_one_per_pod() -> None:
@@ -75,7 +78,7 @@ def test_replicas_go_round_the_gpus_and_share_one_per_pod() -> None:
         (0, "cuda:0"), (0, "cuda:0"), (1, "cuda:1"), (1, "cuda:1"), (2, "cuda:0"), (2, "cuda:0"),
     ]  # fmt: skip
     assert [_env(p.env)["CUDA_VISIBLE_DEVICES"] for p in plans[:3]] == ["0", "0", "1"]
-    assert plans[0].argv[plans[0].argv.index("--device") + 1] == "cuda"
+    assert WorkerSettings.from_argv(list(plans[0].argv[4:])).device == "cuda"
     assert [p.port for p in plans] == list(range(8001, 8007))
     assert not placement(spec, TWO_ADA, Options(device="cpu")).on_gpu
 
@@ -164,4 +167,24 @@ def test_histogram_quantile_edges() -> None:
     assert math.isnan(histogram_quantile(0.99, ()))
     assert histogram_quantile(0.5, ((0.1, 10.0), (math.inf, 10.0))) == pytest.approx(0.05)
     assert histogram_quantile(0.99, ((0.1, 0.0), (math.inf, 4.0))) == 0.1
-    assert Sample(0.0, 0.0, ()).frames == 0.0
+    # 10 requests <= 0.1 s, 10 more <= 1 s: the 15th lies halfway through the second bucket
+    buckets = ((0.1, 10.0), (1.0, 20.0), (math.inf, 20.0))
+    assert histogram_quantile(0.75, buckets) == pytest.approx(0.55)
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("127.0.0.1", "127.0.0.1:8001"),
+        ("198.18.0.7", "198.18.0.7:8001"),
+        ("::1", "[::1]:8001"),
+        ("0.0.0.0", "127.0.0.1:8001"),
+        ("::", "127.0.0.1:8001"),
+    ],
+)
+def test_workers_are_health_checked_where_they_listen(host: str, address: str) -> None:
+    spec = replace(read_fleet(EXAMPLE), replicas=1)
+    plan = plan_workers(spec, CPU_HOST, Options(host=host), BATCHING)[0]
+    assert plan.settings.host == host
+    assert dial_address(plan.settings.host, plan.port) == address

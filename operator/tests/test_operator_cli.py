@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from fleet_operator.main import parse_args, settings_for
 
+VALUES = Path(__file__).resolve().parents[2] / "charts" / "inferencefleet" / "values.yaml"
 
-def test_defaults_and_repeated_namespaces() -> None:
+
+def test_defaults_agree_with_the_chart_and_namespaces_repeat() -> None:
+    """`inferencefleet operator --namespace a` by hand finds what a default install set up."""
     args = parse_args(["--namespace", "a", "--namespace", "b"])
     assert args.namespace == ["a", "b"]
     assert not args.all_namespaces
+    values = yaml.safe_load(VALUES.read_text())
     assert (args.device_plugin_configmap, args.device_plugin_namespace) == (
-        "device-plugin-config",
-        "nvidia-device-plugin",
+        values["devicePlugin"]["configMapName"],
+        values["devicePlugin"]["namespace"],
     )
-    assert args.peering == "inferencefleet"
+    assert args.liveness_port == values["healthPort"]
     assert not args.standalone
-    assert args.liveness_port == 8080
+    overridden = parse_args(["--all-namespaces", "--liveness-port", "0", "--standalone"])
+    assert (overridden.liveness_port, overridden.standalone) == (0, True)
 
 
 def test_a_scope_is_required_and_exclusive(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,8 +7,9 @@ from dataclasses import replace
 from typing import Any
 
 from fleet_operator.render import Owner, render_children
-from fleet_operator.render.deployment import pod_template, worker_args
-from fleet_spec.spec import BatchingSpec, FleetSpec, GpuSpec, ModelSpec, parse_fleet
+from fleet_operator.render.deployment import pod_template, worker_settings
+from fleet_spec.contract import BatchSettings, WorkerSettings
+from fleet_spec.spec import FleetSpec, GpuSpec, ModelSpec, parse_fleet
 
 OWNER = Owner(name="detector", namespace="vision", uid="uid-1", generation=3)
 ADA = "NVIDIA-RTX-6000-Ada-Generation"
@@ -56,7 +57,7 @@ def test_every_child_is_owned_by_the_fleet_and_labelled() -> None:
 
 
 def test_batching_configmap_holds_the_workers_file() -> None:
-    configmap = _children(_spec(batching=BatchingSpec(4, 500, 32)))["ConfigMap"]
+    configmap = _children(_spec(batching=BatchSettings(4, 500, 32)))["ConfigMap"]
     assert configmap["metadata"]["name"] == "detector-batching"
     assert json.loads(configmap["data"]["batching.json"]) == {
         "maxBatchSize": 4,
@@ -138,24 +139,27 @@ def test_probes_use_the_grpc_health_service() -> None:
     assert [p["containerPort"] for p in worker["ports"]] == [8001, 8002]
 
 
-def test_worker_command_line() -> None:
-    assert worker_args(_spec(processes_per_pod=2)) == [
-        "--model", "builtin:resnet18",
-        "--precision", "fp16",
-        "--port", "8001",
-        "--metrics-port", "8002",
-        "--workers", "2",
-        "--device", "cuda",
-        "--batching-config", "/etc/inferencefleet/batching/batching.json",
-    ]  # fmt: skip
-    named = _spec(model=ModelSpec(source="builtin:tiny", name="fast"))
-    assert worker_args(named)[-2:] == ["--model-name", "fast"]
+def test_worker_command_line_is_what_serve_parses() -> None:
+    template = pod_template(_spec(processes_per_pod=2), OWNER, profile="p", image="img:1")
+    args = template["spec"]["containers"][0]["args"]
+    settings = WorkerSettings.from_argv(args)
+    assert settings == worker_settings(_spec(processes_per_pod=2))
+    assert (settings.model, settings.precision, settings.device) == (
+        "builtin:resnet18",
+        "fp16",
+        "cuda",
+    )
+    assert (settings.port, settings.metrics_port, settings.workers) == (8001, 8002, 2)
+    assert str(settings.batching_config) == "/etc/inferencefleet/batching/batching.json"
+    assert settings.served_name == "resnet18"
+    named = worker_settings(_spec(model=ModelSpec(source="builtin:tiny", name="fast")))
+    assert WorkerSettings.from_argv(named.to_argv()).served_name == "fast"
 
 
 def test_batching_and_replicas_do_not_touch_the_pod_template() -> None:
     before = pod_template(_spec(), OWNER, profile="timeslicing-4", image="img:1")
     after = pod_template(
-        _spec(batching=BatchingSpec(32, 100, 512), replicas=100),
+        _spec(batching=BatchSettings(32, 100, 512), replicas=100),
         OWNER,
         profile="timeslicing-4",
         image="img:1",

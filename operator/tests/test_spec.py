@@ -40,7 +40,7 @@ def test_minimal_fleet_gets_every_default() -> None:
     assert fleet.processes_per_pod == 1
     assert fleet.model.precision == "fp16"
     assert fleet.model.served_name == "tiny"
-    assert fleet.batching.as_config() == {
+    assert fleet.batching.to_mapping() == {
         "maxBatchSize": 8,
         "maxQueueDelayMicroseconds": 2000,
         "maxQueueSize": 64,

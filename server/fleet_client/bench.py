@@ -18,14 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fleet_client.argtypes import at_least_one, non_negative_seconds, positive_seconds
 from fleet_client.frames import FramesError, build_requests
-from fleet_client.loadgen import (
-    LoadGenerator,
-    TargetError,
-    Targets,
-    channel_options,
-    check_ready,
-    parse_targets,
-)
+from fleet_client.loadgen import LoadGenerator, channel_options, check_ready
 from fleet_client.messages import (
     MODEL_METADATA,
     REPOSITORY_INDEX,
@@ -37,6 +30,7 @@ from fleet_client.messages import (
 )
 from fleet_client.report import best_step, plot_sweep, result_table, sweep_json
 from fleet_client.results import StepResult
+from fleet_client.targets import TargetError, Targets, parse_targets
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
 

@@ -14,7 +14,6 @@ reports a failed request as StreamResult.error ("CODE: message") and carries on.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -28,42 +27,12 @@ from fleet_proto import inference_pb2 as pb
 from fleet_proto import inference_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fleet_client.targets import parse_targets
+
 INPUT_NAME = "frames"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 Logits = npt.NDArray[np.float32]
-
-
-def channel_target(targets: Sequence[str]) -> str:
-    """A gRPC target for one or several host:port strings.
-
-    Several IP targets become one `ipv4:`/`ipv6:` address list; one hostname becomes `dns:///`
-    (every address it resolves to, e.g. a headless Service, is a backend).
-    """
-    if not targets:
-        raise ValueError("no targets")
-    if len(targets) == 1 and not _is_ip(targets[0]):
-        return (
-            targets[0]
-            if "://" in targets[0] or targets[0].startswith("dns:")
-            else (f"dns:///{targets[0]}")
-        )
-    if not all(_is_ip(t) for t in targets):
-        raise ValueError(f"several targets must be IP:port, got {list(targets)}")
-    scheme = "ipv6" if any(_host(t).startswith("[") for t in targets) else "ipv4"
-    return f"{scheme}:{','.join(targets)}"
-
-
-def _host(target: str) -> str:
-    return target.rsplit(":", 1)[0]
-
-
-def _is_ip(target: str) -> bool:
-    try:
-        ipaddress.ip_address(_host(target).strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def infer_request(
@@ -110,7 +79,7 @@ class InferenceClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         target_list = [targets] if isinstance(targets, str) else list(targets)
-        target = channel_target(target_list)
+        target = parse_targets(target_list).grpc_target
         options: list[tuple[str, str | int]] = [
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.max_receive_message_length", max_message_bytes),

@@ -14,7 +14,7 @@ from typing import TypeVar
 from fleet_proto import inference_pb2 as pb
 from google.protobuf.message import DecodeError, Message
 
-SERVICE = "inference.GRPCInferenceService"
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_READY = f"/{SERVICE}/ServerReady"
 MODEL_METADATA = f"/{SERVICE}/ModelMetadata"
 MODEL_INFER = f"/{SERVICE}/ModelInfer"

@@ -15,21 +15,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 from fleet_proto.tensors import Frames, Logits
+from fleet_spec.contract import BatchSettings
 
 from fleet_server import metrics
-from fleet_server.errors import DeadlineExpired, NotReady, QueueFull
-from fleet_server.settings import BatchSettings
+from fleet_server.errors import DeadlineExpired, NotReady, QueueFull, TooLarge
 from fleet_server.stats import ModelStats
 
 log = logging.getLogger(__name__)
+# Forward passes that fail in a row before the worker reports itself unhealthy (a sticky device
+# error fails every batch; one bad batch does not). A pass that succeeds makes it healthy again.
+FAILURES_UNHEALTHY = 3
 
 
 class Runner(Protocol):
@@ -76,9 +81,13 @@ class Batcher:
         *,
         model: str,
         stats: ModelStats | None = None,
+        on_health: Callable[[bool], None] | None = None,
     ) -> None:
         self.runner = runner
         self.settings = settings
+        self.failures = 0  # forward passes failed in a row
+        self._on_health = on_health
+        self._warming: asyncio.Task[None] | None = None
         self.stats = stats if stats is not None else ModelStats()
         self._queue = _Queue()
         self._wake = asyncio.Event()
@@ -92,21 +101,68 @@ class Batcher:
         self._m_compute = metrics.COMPUTE_DURATION.labels(model=model)
         self._m_batch = metrics.BATCH_SIZE.labels(model=model)
 
-    async def start(self) -> None:
-        """Warm up every batch size up to maxBatchSize on the forward thread, then accept work."""
-        await self._run_on_executor_warm_up(self.settings.max_batch_size)
+    @property
+    def healthy(self) -> bool:
+        return self.failures < FAILURES_UNHEALTHY
+
+    async def start(self, warm_budget_s: float = math.inf) -> None:
+        """Warm up batch sizes 1, 2, ... on the forward thread for up to `warm_budget_s` (at
+        least size 1), then accept work; the sizes left are warmed in the background."""
+        give_up = time.perf_counter() + warm_budget_s
+        target = self.settings.max_batch_size
+        while self.runner.warmed_batch_size < target:
+            if self.runner.warmed_batch_size >= 1 and time.perf_counter() >= give_up:
+                log.info(
+                    "warm-up budget of %.0fs spent at batch size %d; warming the rest while "
+                    "serving",
+                    warm_budget_s,
+                    self.runner.warmed_batch_size,
+                )
+                break
+            await self._warm_one()
         self._task = asyncio.create_task(self._dispatch_forever(), name="batcher")
+        self._warm_in_background()
 
-    async def _run_on_executor_warm_up(self, max_batch_size: int) -> None:
-        if max_batch_size > self.runner.warmed_batch_size:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self.runner.warm_up, max_batch_size)
+    async def _warm_one(self) -> None:
+        """Warm the next batch size: one job on the forward thread, between real batches."""
+        size = self.runner.warmed_batch_size + 1
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.runner.warm_up, size)
 
-    async def apply(self, settings: BatchSettings) -> None:
-        """Apply new batching settings live; a larger maxBatchSize is warmed up first."""
-        await self._run_on_executor_warm_up(settings.max_batch_size)
+    def _warm_in_background(self) -> None:
+        if self._warming is None or self._warming.done():
+            self._warming = asyncio.create_task(self._warm_up_to_target(), name="warm-up")
+
+    async def _warm_up_to_target(self) -> None:
+        """Warm sizes up to maxBatchSize one at a time; batches stay within the warm sizes
+        meanwhile. A size that fails to warm (e.g. out of memory) is logged and not used."""
+        try:
+            while self.runner.warmed_batch_size < self.settings.max_batch_size:
+                await self._warm_one()
+                self._wake.set()
+        except Exception:
+            log.exception(
+                "warming batch size %d failed; batches stay at most %d frames",
+                self.runner.warmed_batch_size + 1,
+                self.runner.warmed_batch_size,
+            )
+
+    async def wait_warm(self) -> None:
+        """Return once the background warm-up is over (done or failed)."""
+        if self._warming is not None:
+            await asyncio.shield(self._warming)
+
+    def apply(self, settings: BatchSettings) -> None:
+        """Apply new batching settings at once; a larger maxBatchSize is warmed up in the
+        background, and batches grow as their sizes become warm."""
         self.settings = settings
         self._wake.set()
+        self._warm_in_background()
+
+    @property
+    def batch_limit(self) -> int:
+        """The most frames a batch may take now: maxBatchSize, within the warm sizes."""
+        return max(1, min(self.settings.max_batch_size, self.runner.warmed_batch_size))
 
     @property
     def queued_frames(self) -> int:
@@ -125,6 +181,8 @@ class Batcher:
             raise NotReady("the worker is not accepting requests (warming up or shutting down)")
         n = int(frames.shape[0])
         limit = self.settings.max_queue_size
+        if n > limit:
+            raise TooLarge(f"{n} frames can never fit the queue of maxQueueSize {limit} frames")
         if self._queue.frames + n > limit:
             raise QueueFull(
                 f"queue full: {self._queue.frames} frames waiting, {n} more would exceed "
@@ -141,6 +199,8 @@ class Batcher:
         """Refuse new requests, finish the queued ones, stop the forward thread."""
         self._closing = True
         self._wake.set()
+        if self._warming is not None:
+            self._warming.cancel()
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
@@ -166,7 +226,7 @@ class Batcher:
         """Wait for more frames until a batch is full or the oldest request waited maxQueueDelay."""
         while self._queue.items and not self._closing:
             settings = self.settings
-            if self._queue.frames >= settings.max_batch_size:
+            if self._queue.frames >= self.batch_limit:
                 return
             remaining = (
                 self._queue.items[0].enqueued + settings.max_queue_delay_s - time.perf_counter()
@@ -180,7 +240,7 @@ class Batcher:
 
     def _take(self) -> list[_Slice]:
         """Up to maxBatchSize frames from the head of the queue; expired requests are failed."""
-        room = self.settings.max_batch_size
+        room = self.batch_limit
         now = time.perf_counter()
         batch: list[_Slice] = []
         queue = self._queue
@@ -222,10 +282,12 @@ class Batcher:
                 raise RuntimeError(f"model returned {logits.shape[0]} rows for {total} frames")
         except Exception as exc:
             log.exception("forward pass of %d frames failed", total)
+            self._count_failure(failed=True)
             for s in batch:
                 if not s.request.future.done():
                     s.request.future.set_exception(exc)
             return
+        self._count_failure(failed=False)
         elapsed = time.perf_counter() - started
         self._m_compute.observe(elapsed)
         self._m_batch.observe(total)
@@ -234,6 +296,15 @@ class Batcher:
         for s in batch:
             self._deliver(s, logits[offset : offset + s.count])
             offset += s.count
+
+    def _count_failure(self, failed: bool) -> None:
+        was = self.healthy
+        self.failures = self.failures + 1 if failed else 0
+        if self.healthy != was:
+            if not self.healthy:
+                log.error("%d forward passes failed in a row: reporting NOT_SERVING", self.failures)
+            if self._on_health is not None:
+                self._on_health(self.healthy)
 
     @staticmethod
     def _deliver(s: _Slice, rows: Logits) -> None:

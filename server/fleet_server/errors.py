@@ -17,6 +17,11 @@ class InvalidInput(InferenceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class TooLarge(InvalidInput):
+    """The request can never be served as sent (more frames than the queue holds, more typed
+    values than are decoded): retrying cannot help, so INVALID_ARGUMENT, not RESOURCE_EXHAUSTED."""
+
+
 class ModelNotFound(InferenceError):
     """The request names a model or version this worker does not serve."""
 
@@ -25,6 +30,12 @@ class ModelNotFound(InferenceError):
 
 class QueueFull(InferenceError):
     """The batcher's queue holds maxQueueSize frames already."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class TooManyCalls(InferenceError):
+    """The worker serves --max-concurrent-rpcs calls and streams already."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

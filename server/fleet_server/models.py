@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fleet_spec.contract import BUILTIN_PREFIX, served_model_name
 from torch import nn
 
-BUILTIN_PREFIX = "builtin:"
 SEED = 0
 NUM_CLASSES = 1000
 
@@ -97,16 +97,9 @@ class LoadedModel:
     traceable: bool  # a plain nn.Module the runner may jit.trace + freeze
 
 
-def default_name(source: str) -> str:
-    """The protocol model name: the builtin's name or the model file's stem."""
-    if source.startswith(BUILTIN_PREFIX):
-        return source[len(BUILTIN_PREFIX) :]
-    return Path(source).stem
-
-
 def load_model(source: str) -> LoadedModel:
     """Build a builtin (seeded random weights) or load a TorchScript (.pt/.ts) or .pt2 file."""
-    name = default_name(source)
+    name = served_model_name(source)
     if source.startswith(BUILTIN_PREFIX):
         if name not in BUILTINS:
             raise ModelLoadError(f"unknown builtin model {source!r}; known: {sorted(BUILTINS)}")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 from fleet_proto import inference_pb2 as pb
 from fleet_proto.tensors import Frames, Logits
+from fleet_spec.contract import BatchSettings
 
-from fleet_server.errors import InvalidInput, ModelNotFound
-from fleet_server.settings import BatchSettings
+from fleet_server.errors import InvalidInput, ModelNotFound, TooLarge
 from fleet_server.stats import Duration, ModelStats
 
 INPUT_NAME = "frames"
@@ -19,6 +19,9 @@ VERSION = "1"
 PLATFORM = "pytorch_libtorch"
 SERVER_NAME = "inferencefleet"
 EXTENSIONS = ("model_configuration", "statistics")
+# Typed `uint_contents` are decoded value by value on the event loop: past this many values
+# (about 28 frames of 224x224) a request must send raw_input_contents, which costs no decoding.
+MAX_TYPED_VALUES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,11 @@ def check_model(info: ModelInfo, name: str, version: str) -> None:
         )
 
 
-def frames_from_request(info: ModelInfo, request: pb.ModelInferRequest) -> Frames:
-    """The request's uint8 frames [N, H, W, 3] (a view of its bytes), or InvalidInput/NotFound."""
+def frames_from_request(
+    info: ModelInfo, request: pb.ModelInferRequest, max_frames: int | None = None
+) -> Frames:
+    """The request's uint8 frames [N, H, W, 3] (a view of its bytes), or InvalidInput/NotFound.
+    More than `max_frames` (the queue's size: such a request can never queue) is TooLarge."""
     check_model(info, request.model_name, request.model_version)
     inputs = request.inputs
     if len(inputs) != 1:
@@ -68,6 +74,11 @@ def frames_from_request(info: ModelInfo, request: pb.ModelInferRequest) -> Frame
     count = shape[0]
     if count < 1:
         raise InvalidInput(f"input {INPUT_NAME!r}: empty batch (shape {shape})")
+    if max_frames is not None and count > max_frames:
+        raise TooLarge(
+            f"input {INPUT_NAME!r}: {count} frames can never fit the queue of maxQueueSize "
+            f"{max_frames} frames; send at most {max_frames} per request"
+        )
     for wanted in request.outputs:
         if wanted.name != OUTPUT_NAME:
             raise InvalidInput(
@@ -85,6 +96,11 @@ def frames_from_request(info: ModelInfo, request: pb.ModelInferRequest) -> Frame
                 f"({expected} bytes of UINT8)"
             )
         return np.frombuffer(data, dtype=np.uint8).reshape(count, size, size, 3)
+    if expected > MAX_TYPED_VALUES:
+        raise TooLarge(
+            f"input {INPUT_NAME!r}: {expected} values are too many for typed contents (at most "
+            f"{MAX_TYPED_VALUES}); send the bytes in raw_input_contents"
+        )
     values = tensor.contents.uint_contents
     if len(values) != expected:
         raise InvalidInput(

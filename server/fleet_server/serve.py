@@ -3,169 +3,109 @@
 
 from __future__ import annotations
 
-import argparse
 import ctypes
+import dataclasses
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from types import FrameType
 
-from fleet_server.models import BUILTIN_PREFIX, ModelLoadError, default_name
-from fleet_server.settings import BatchSettings, SettingsError
+from fleet_spec.contract import BUILTIN_PREFIX, WorkerSettings
+from fleet_spec.cpus import available_cpus
 
 log = logging.getLogger("fleet_server.serve")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="inferencefleet serve",
-        description="Serve a PyTorch vision model over the Open Inference Protocol (gRPC).",
-    )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="builtin:tiny, builtin:resnet18, or a TorchScript .pt/.ts or torch.export .pt2 file",
-    )
-    p.add_argument("--model-name", help="the model's name in the protocol (default: derived)")
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: any)")
-    p.add_argument(
-        "--metrics-port", type=int, default=8002, help="Prometheus /metrics port (0 disables)"
-    )
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the gRPC port")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=("fp32", "fp16", "bf16"),
-        help="compute precision on CUDA (the CPU always runs fp32)",
-    )
-    p.add_argument(
-        "--threads", type=int, help="torch intra-op threads per process (default: cores/workers)"
-    )
-    p.add_argument("--image-size", type=int, default=224, help="input height = width (default 224)")
-    defaults = BatchSettings()
-    p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    p.add_argument("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us)
-    p.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
-    p.add_argument(
-        "--batching-config",
-        type=Path,
-        help="YAML/JSON file with maxBatchSize, maxQueueDelayMicroseconds, maxQueueSize; "
-        "watched and applied live",
-    )
-    p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument(
-        "--grace-period-s", type=float, default=30.0, help="drain time after SIGTERM (default 30)"
-    )
-    p.add_argument("--watch-interval-s", type=float, default=1.0, help=argparse.SUPPRESS)
-    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    return p
-
-
-def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BatchSettings:
-    if args.workers < 1:
-        parser.error("--workers must be >= 1")
-    if args.workers > 1 and args.port == 0:
-        parser.error("--workers > 1 needs a fixed --port (the processes share it)")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
-    if args.image_size < 8:
-        parser.error("--image-size must be >= 8")
-    if not args.model.startswith(BUILTIN_PREFIX) and not Path(args.model).is_file():
-        parser.error(f"--model {args.model!r}: no such file")
-    try:
-        return BatchSettings(args.max_batch_size, args.max_queue_delay_us, args.max_queue_size)
-    except SettingsError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+# Set by `serve --workers N` for its processes: the supervisor's pid, the folder where each
+# process says whether it serves, and how many share the port (see worker.SiblingHealth).
+SUPERVISOR_ENV = "INFERENCEFLEET_SUPERVISOR_PID"
+HEALTH_DIR_ENV = "INFERENCEFLEET_HEALTH_DIR"
+WORKERS_ENV = "INFERENCEFLEET_WORKERS"
 
 
 def main(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = _check(args, parser)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
-    if args.workers > 1:
-        return _supervise(args, threads)
-    return _serve_one(args, settings, threads)
+    settings = WorkerSettings.from_argv(argv)
+    if not settings.model.startswith(BUILTIN_PREFIX) and not Path(settings.model).is_file():
+        print(f"inferencefleet serve: --model {settings.model!r}: no such file", file=sys.stderr)
+        return 2
+    if settings.reuse_port and not _die_with_parent():  # before torch loads (it takes seconds)
+        return 0
+    threads = settings.threads or max(1, available_cpus() // settings.workers)
+    if settings.workers > 1:
+        return _supervise(settings, threads)
+    return _serve_one(dataclasses.replace(settings, threads=threads, host=bind_host(settings.host)))
 
 
-def _die_with_parent() -> None:
-    """A supervised worker gets SIGTERM (and drains) if its supervisor dies (Linux only)."""
+def bind_host(host: str) -> str:
+    """The address to bind: `::` (every address, IPv6 and IPv4) falls back to 0.0.0.0 on a
+    machine without IPv6; any other address is kept."""
+    if host.strip("[]") != "::":
+        return host
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        return "0.0.0.0"
+    return "::"
+
+
+def _die_with_parent() -> bool:
+    """A supervised worker gets SIGTERM (and drains) if its supervisor dies (Linux only). Set
+    first thing, before torch loads: a supervisor killed during those seconds must not leave
+    its workers behind. False if the supervisor is gone already (before prctl took effect)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         log.warning("cannot ask to be stopped with the supervisor (no prctl)")
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    return supervisor is None or os.getppid() == int(supervisor)
 
 
-def _serve_one(args: argparse.Namespace, settings: BatchSettings, threads: int) -> int:
+def _serve_one(settings: WorkerSettings) -> int:
     # Idle OpenMP threads sleep instead of spinning: the gRPC and event-loop threads share the
     # cores with torch. Must be set before torch loads its OpenMP runtime.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from fleet_server import metrics
-    from fleet_server.worker import WorkerConfig, run_worker
+    from fleet_server.models import ModelLoadError
+    from fleet_server.worker import run_worker
 
-    if args.reuse_port:  # started by _supervise
-        _die_with_parent()
-    torch.set_num_threads(threads)
+    assert settings.threads is not None
+    torch.set_num_threads(settings.threads)
     torch.set_num_interop_threads(1)
-    if args.metrics_port:
-        metrics.serve_metrics(args.host, args.metrics_port)
-    config = WorkerConfig(
-        model=args.model,
-        model_name=args.model_name or default_name(args.model),
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        precision=args.precision,
-        image_size=args.image_size,
-        batching=settings,
-        batching_file=args.batching_config,
-        watch_interval_s=args.watch_interval_s,
-        max_message_bytes=args.max_message_bytes,
-        grace_period_s=args.grace_period_s,
-        worker_index=args.worker_index,
-        reuse_port=args.reuse_port,
-    )
+    if settings.metrics_port:
+        metrics.serve_metrics(settings.host, settings.metrics_port)
     try:
-        return run_worker(config)
-    except (ModelLoadError, SettingsError, ValueError) as exc:
+        return run_worker(settings)
+    except (ModelLoadError, ValueError) as exc:
         print(f"inferencefleet serve: {exc}", file=sys.stderr)
         return 2
 
 
-def _child_argv(args: argparse.Namespace, index: int, threads: int) -> list[str]:
-    argv = [sys.executable, "-m", "fleet_server.serve", "--model", args.model]
-    argv += ["--model-name", args.model_name or default_name(args.model)]
-    argv += ["--host", args.host, "--port", str(args.port), "--metrics-port", "0"]
-    argv += ["--device", args.device, "--precision", args.precision, "--threads", str(threads)]
-    argv += ["--image-size", str(args.image_size), "--max-batch-size", str(args.max_batch_size)]
-    argv += ["--max-queue-delay-us", str(args.max_queue_delay_us)]
-    argv += ["--max-queue-size", str(args.max_queue_size)]
-    if args.batching_config is not None:
-        argv += ["--batching-config", str(args.batching_config)]
-    argv += ["--max-message-bytes", str(args.max_message_bytes)]
-    argv += ["--grace-period-s", str(args.grace_period_s)]
-    argv += ["--watch-interval-s", str(args.watch_interval_s)]
-    return [*argv, "--worker-index", str(index), "--reuse-port"]
+def _child_argv(settings: WorkerSettings, index: int, threads: int) -> list[str]:
+    child = dataclasses.replace(
+        settings, workers=1, metrics_port=0, threads=threads, worker_index=index, reuse_port=True
+    )
+    return [sys.executable, "-m", "fleet_server.serve", *child.to_argv()]
 
 
-def _supervise(args: argparse.Namespace, threads: int) -> int:
+def _supervise(settings: WorkerSettings, threads: int) -> int:
     """Start N worker processes on one port; forward SIGTERM; exit 0 if all drained cleanly."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s")
     metrics_dir = tempfile.mkdtemp(prefix="inferencefleet-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())
+    health_dir = Path(metrics_dir, "health")
+    health_dir.mkdir()
+    os.environ[HEALTH_DIR_ENV] = str(health_dir)
+    os.environ[WORKERS_ENV] = str(settings.workers)
     from fleet_server import metrics  # after PROMETHEUS_MULTIPROC_DIR: multiprocess mode
 
     children: dict[int, subprocess.Popen[bytes]] = {}
@@ -181,12 +121,14 @@ def _supervise(args: argparse.Namespace, threads: int) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     try:
-        if args.metrics_port:
-            metrics.serve_metrics(args.host, args.metrics_port)
-        for index in range(args.workers):
-            child = subprocess.Popen(_child_argv(args, index, threads))
+        if settings.metrics_port:
+            metrics.serve_metrics(bind_host(settings.host), settings.metrics_port)
+        for index in range(settings.workers):
+            child = subprocess.Popen(_child_argv(settings, index, threads))
             children[child.pid] = child
-        log.info("%d workers on port %d, %d torch threads each", args.workers, args.port, threads)
+        log.info(
+            "%d workers on port %d, %d torch threads each", settings.workers, settings.port, threads
+        )
         failed = False
         while any(child.poll() is None for child in children.values()):
             pid, status = os.wait()

@@ -23,8 +23,9 @@ from fleet_server.models import load_model
 from fleet_server.runner import ModelRunner
 
 SERVER_DIR = Path(__file__).resolve().parents[1]
+PYTHONPATH = f"{SERVER_DIR}:{SERVER_DIR.parent / 'operator'}"  # the worker imports fleet_spec
 IMAGE = 32  # small frames keep every forward pass short on a shared 2-core machine
-LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
+LISTENING = re.compile(r"listening on \S*:(\d+)")
 SERVING = re.compile(r"SERVING model")
 
 
@@ -119,7 +120,7 @@ class Launcher:
             argv += ["--port", str(port)]
         if "--image-size" not in flags:
             argv += ["--image-size", str(IMAGE)]
-        env = {**os.environ, "PYTHONPATH": str(SERVER_DIR), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
             [*argv, *flags], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
         )

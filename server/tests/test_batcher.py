@@ -6,13 +6,14 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
 from fleet_server.batcher import Batcher
-from fleet_server.errors import DeadlineExpired, NotReady, QueueFull
+from fleet_server.errors import DeadlineExpired, NotReady, QueueFull, TooLarge, to_status
 from fleet_server.runner import ModelRunner
-from fleet_server.settings import BatchSettings
+from fleet_spec.contract import BatchSettings
 
 Frames = Callable[..., npt.NDArray[np.uint8]]
 
@@ -95,14 +96,15 @@ def test_full_queue_rejects_at_once(tiny_reference: ModelRunner, frames: Frames)
     assert all(isinstance(r, np.ndarray) for r in results[:3])
 
 
-def test_request_bigger_than_the_queue_is_rejected(
+def test_request_bigger_than_the_queue_is_invalid_not_retryable(
     tiny_reference: ModelRunner, frames: Frames
 ) -> None:
     async def go() -> None:
-        batcher = await started(tiny_reference, max_queue_size=4)
+        batcher = await started(tiny_reference, max_batch_size=2, max_queue_size=4)
         try:
-            with pytest.raises(QueueFull, match="exceed maxQueueSize 4"):
+            with pytest.raises(TooLarge, match="can never fit the queue of maxQueueSize 4") as err:
                 await batcher.infer(frames(5, seed=0))
+            assert to_status(err.value)[0] is grpc.StatusCode.INVALID_ARGUMENT
         finally:
             await batcher.close()
 
@@ -165,7 +167,8 @@ def test_live_settings_warm_up_a_larger_batch(tiny_reference: ModelRunner, frame
     async def go() -> tuple[int, int]:
         batcher = await started(tiny_reference, max_batch_size=2)
         try:
-            await batcher.apply(BatchSettings(max_batch_size=5))
+            batcher.apply(BatchSettings(max_batch_size=5))
+            await batcher.wait_warm()
             await batcher.infer(frames(5, seed=2))
             return batcher.settings.max_batch_size, max(batcher.stats.batches)
         finally:

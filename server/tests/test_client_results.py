@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
-from fleet_client.loadgen import TargetError, parse_targets
 from fleet_client.report import best_step, plot_sweep, sweep_json
 from fleet_client.results import StepResult, percentile
+from fleet_client.targets import TargetError, parse_targets
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -61,6 +61,7 @@ def test_targets_are_one_round_robin_target() -> None:
     assert service.grpc_target == "dns:///detector.vision.svc.cluster.local:8001"
     assert service.addresses == ()
     assert parse_targets(["[::1]:8001"]).grpc_target == "ipv6:[::1]:8001"
+    assert parse_targets(["dns:///svc:8001"]).grpc_target == "dns:///svc:8001"  # passed through
 
 
 @pytest.mark.parametrize("bad", ["127.0.0.1", "127.0.0.1:http", ":8001", ""])

@@ -15,9 +15,10 @@ from fleet_server.errors import (
     ModelNotFound,
     NotReady,
     QueueFull,
+    TooLarge,
     to_status,
 )
-from fleet_server.settings import BatchSettings
+from fleet_spec.contract import HEALTH_SERVICE, BatchSettings
 
 INFO = protocol.ModelInfo("tiny", image_size=4, num_classes=10)
 
@@ -90,6 +91,21 @@ def test_bad_requests_name_the_problem(change: str, message: str) -> None:
     assert to_status(caught.value)[0] is grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_requests_that_can_never_be_served_are_invalid_before_decoding() -> None:
+    request = good()
+    request.inputs[0].shape[0] = 9
+    with pytest.raises(TooLarge, match="9 frames can never fit the queue of maxQueueSize 8"):
+        protocol.frames_from_request(INFO, request, max_frames=8)
+    typed = good()
+    del typed.raw_input_contents[:]
+    frames = protocol.MAX_TYPED_VALUES // INFO.frame_bytes + 1
+    typed.inputs[0].shape[0] = frames
+    typed.inputs[0].contents.uint_contents.extend([0] * 16)  # the count alone refuses it
+    with pytest.raises(TooLarge, match="too many for typed contents") as caught:
+        protocol.frames_from_request(INFO, typed)
+    assert to_status(caught.value)[0] is grpc.StatusCode.INVALID_ARGUMENT
+
+
 @pytest.mark.parametrize(("name", "version"), [("resnet50", ""), ("tiny", "2")])
 def test_unknown_model_or_version_is_not_found(name: str, version: str) -> None:
     request = good()
@@ -146,7 +162,7 @@ def test_field_numbers_follow_the_published_protocol() -> None:
     assert pb.ModelConfig.DESCRIPTOR.fields_by_name["max_batch_size"].number == 4
     assert pb.ModelConfig.DESCRIPTOR.fields_by_name["dynamic_batching"].number == 11
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    assert service.full_name == "inference.GRPCInferenceService"
+    assert service.full_name == "inference.GRPCInferenceService" == HEALTH_SERVICE
     assert service.methods_by_name["ModelStreamInfer"].output_type.name == (
         "ModelStreamInferResponse"
     )

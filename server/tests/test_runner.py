@@ -10,8 +10,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
-from fleet_server.models import ModelLoadError, ResNet18, TinyNet, default_name, load_model
+from fleet_server.models import ModelLoadError, ResNet18, TinyNet, load_model
 from fleet_server.runner import ModelRunner, resolve_device, resolve_dtype
+from fleet_spec.contract import served_model_name
 
 Frames = Callable[..., npt.NDArray[np.uint8]]
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -91,7 +92,7 @@ def test_model_files_load_through_the_same_path(
     runner.warm_up(4)
     x = frames(4, seed=9)
     np.testing.assert_allclose(runner.infer([x]), reference(seeded(TinyNet), x), atol=1e-4)
-    assert runner.name == path.stem == default_name(str(path))
+    assert runner.name == path.stem == served_model_name(str(path))
     assert runner.num_classes == 1000
 
 

@@ -18,6 +18,7 @@ import pytest
 from fleet_client.client import InferenceClient, infer_request
 from fleet_proto import inference_pb2 as pb
 from fleet_server.runner import ModelRunner
+from fleet_spec.contract import HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -170,7 +171,7 @@ def test_metadata_health_reflection_and_metrics(tiny_worker: Any) -> None:
             ]
             return (
                 await client.health(),
-                await client.health("inference.GRPCInferenceService"),
+                await client.health(HEALTH_SERVICE),
                 await client.server_live(),
                 await client.server_ready(),
                 await client.model_ready("tiny"),

@@ -16,5 +16,5 @@ def render_batching_configmap(spec: FleetSpec, owner: Owner) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(owner, batching_configmap_name(owner.name)),
-        "data": {BATCHING_FILE: json.dumps(spec.batching.as_config(), sort_keys=True) + "\n"},
+        "data": {BATCHING_FILE: json.dumps(spec.batching.to_mapping(), sort_keys=True) + "\n"},
     }

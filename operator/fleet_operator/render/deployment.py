@@ -7,8 +7,10 @@ the replica count outside the template, so neither rolls the pods.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from fleet_spec.contract import HEALTH_SERVICE, WorkerSettings
 from fleet_spec.spec import MODEL_MOUNT, FleetSpec
 
 from fleet_operator.names import (
@@ -27,24 +29,22 @@ from fleet_operator.names import (
 from fleet_operator.render.common import Owner, metadata
 from fleet_operator.sharing import GPU_TOLERATION, product_values
 
-HEALTH_SERVICE = "inference.GRPCInferenceService"  # NOT_SERVING until the model is warm
 RUN_AS = 65532
 
 
-def worker_args(spec: FleetSpec) -> list[str]:
-    """`inferencefleet serve` arguments (the batching values come from the watched file)."""
-    args = [
-        "--model", spec.model.source,
-        "--precision", spec.model.precision,
-        "--port", str(GRPC_PORT),
-        "--metrics-port", str(METRICS_PORT),
-        "--workers", str(spec.processes_per_pod),
-        "--device", "cuda",
-        "--batching-config", f"{BATCHING_DIR}/{BATCHING_FILE}",
-    ]  # fmt: skip
-    if spec.model.name:
-        args += ["--model-name", spec.model.name]
-    return args
+def worker_settings(spec: FleetSpec) -> WorkerSettings:
+    """What each pod's `inferencefleet serve` runs with. The batching values come from the
+    watched file, so a batching edit changes no argument and rolls no pod."""
+    return WorkerSettings(
+        model=spec.model.source,
+        model_name=spec.model.name,
+        port=GRPC_PORT,
+        metrics_port=METRICS_PORT,
+        workers=spec.processes_per_pod,
+        device="cuda",
+        precision=spec.model.precision,
+        batching_config=Path(BATCHING_DIR, BATCHING_FILE),
+    )
 
 
 def node_affinity(spec: FleetSpec, profile: str) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def _container(spec: FleetSpec, image: str) -> dict[str, Any]:
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["inferencefleet", "serve"],
-        "args": worker_args(spec),
+        "args": worker_settings(spec).to_argv(),
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
