@@ -191,8 +191,10 @@ for b in kubelet kube-proxy; do
 done
 "$tmp/kubectl" version --client -o yaml | grep -q "gitVersion: ${KUBERNETES_VERSION}" \
   || die "kubectl does not report ${KUBERNETES_VERSION}"
-"$tmp/etcd" --version | grep -q "etcd Version: ${ETCD_VERSION#v}" \
-  || die "etcd --version does not report ${ETCD_VERSION}"
+# (Output captured first: grep -q exiting early would SIGPIPE the writer under pipefail.)
+etcd_version="$("$tmp/etcd" --version)"
+grep -q "etcd Version: ${ETCD_VERSION#v}" <<<"$etcd_version" \
+  || die "etcd --version does not report ${ETCD_VERSION}: $etcd_version"
 "$tmp/helm" version --short | grep -q "^${HELM_VERSION}" || die "helm version does not report ${HELM_VERSION}"
 "$tmp/kwok" --version >/dev/null 2>&1 || die "kwok --version failed"
 "$tmp/config-manager" --help >/dev/null 2>&1 || die "config-manager --help failed"
