@@ -158,7 +158,9 @@ class FleetBench:
             generator = await self._generator(endpoints)
             pool.generators[config.workers] = generator
         step = await generator.step(self.setup.in_flight(config), self.setup.warmup_s, window_s)
-        return Measurement(step.frames_per_s, step.latency_ms(0.99), sum(step.errors.values()), window_s)
+        return Measurement(
+            step.frames_per_s, step.latency_ms(0.99), sum(step.errors.values()), window_s
+        )
 
     async def _generator(self, endpoints: list[str]) -> LoadGenerator:
         targets = parse_targets(endpoints)
