@@ -147,7 +147,8 @@ def kill_rounds(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         )  # fmt: skip
         checkers = {address: Checker(address, frames, logits) for address in endpoints}
         restart_s: list[float] = []
-        victims: set[str] = set()
+        victim_errors: Counter[str] = Counter()  # callers of the worker killed in that round
+        other_errors: Counter[str] = Counter()  # callers of the others, in the same round
         peak = 0.0
 
         async def chaos() -> None:
@@ -158,7 +159,7 @@ def kill_rounds(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 workers = status()["workers"]
                 victim = workers[round_ % len(workers)]
                 peak = max([peak, *(peak_rss_mib(w["pid"]) for w in workers)])
-                victims.add(victim["address"])
+                before = {a: c.errors.copy() for a, c in checkers.items()}
                 os.kill(victim["pid"], signal.SIGKILL)
                 want = victim["restarts"] + 1
 
@@ -171,6 +172,9 @@ def kill_rounds(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 restart_s.append(
                     await asyncio.to_thread(wait_for, f"{victim['name']} restarted", back, 300)
                 )
+                for address, checker in checkers.items():  # errors during this round, by whom
+                    new = checker.errors - before[address]
+                    (victim_errors if address == victim["address"] else other_errors).update(new)
                 await asyncio.sleep(3)
             for checker in checkers.values():
                 checker.stop = True
@@ -183,10 +187,6 @@ def kill_rounds(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             bench = json.loads(out)
         steps = bench.get("steps", [{}])
         bench_errors = steps[0].get("errors", {}) if steps else {}
-        victim_errors: Counter[str] = Counter()
-        other_errors: Counter[str] = Counter()
-        for address, checker in checkers.items():
-            (victim_errors if address in victims else other_errors).update(checker.errors)
         return {
             "what": f"SIGKILL a worker mid-load (3 workers, {args.rounds} rounds)",
             "rounds": args.rounds,
