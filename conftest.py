@@ -6,6 +6,8 @@ only if it started it (INFERENCEFLEET_CLUSTER_KEEP=1 keeps it). A missing Go
 toolchain or a failed build fails the tests that need the cluster; it never skips.
 `namespace` (function): a new namespace whose default ServiceAccount exists; deleted,
 and waited for, after the test; the cluster's components are checked before and after.
+`device_plugins` (function): NVIDIA's device-plugin ConfigMap and per-node pods; what a
+test changed there (keys, labels, volume lag) is put back afterwards.
 Tests using either fixture are marked `e2e` automatically (mark them explicitly too).
 """
 
@@ -24,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
 
 from e2ecluster import ClusterError, down, up
 from e2ecluster.handle import Cluster, wait_until
+from e2ecluster.nvidia import DevicePlugins
 
-CLUSTER_FIXTURES = {"cluster", "namespace"}
+CLUSTER_FIXTURES = {"cluster", "namespace", "device_plugins"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -94,3 +97,17 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
             cluster.check()
         except ClusterError as e:
             pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture
+def device_plugins(cluster: Cluster) -> Iterator[DevicePlugins]:
+    plugins = DevicePlugins(cluster.state)
+    try:
+        yield plugins
+    finally:
+        restarted = plugins.restore()
+        wait_until(
+            f"the device plugins of {', '.join(restarted) or 'no node'} to serve again",
+            lambda: all(plugins.serving(node) for node in restarted),
+            timeout=60,
+        )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build (or reuse) the pinned test-cluster binaries: etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubectl, kwok, helm, plus kwok's stages.
+# kube-controller-manager, kube-scheduler, kubectl, kwok, helm, plus kwok's stages, and
+# NVIDIA's config-manager with e2e's advertise (NVIDIA's device-plugin config parser).
 #
 # Everything goes through the Go module proxy into a cache outside the repo:
 #   ${INFERENCEFLEET_CLUSTER_CACHE:-~/.cache/inferencefleet/cluster}/<key>/bin
@@ -15,12 +16,13 @@
 set -euo pipefail
 
 # Bump when the build recipe (flags, ldflags, outputs) changes: it is part of the key.
-RECIPE=4
+RECIPE=5
 
 e2e="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=versions.env
 source "$e2e/versions.env"
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm
+          config-manager advertise)
 
 log() { printf '[cluster-build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[cluster-build] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -43,7 +45,8 @@ version_ge "${go_version#go}" "$GO_MIN_VERSION" \
 
 cache_root="${INFERENCEFLEET_CLUSTER_CACHE:-$HOME/.cache/inferencefleet/cluster}"
 key="$( { echo "recipe=$RECIPE go=$go_version"; cat "$e2e/versions.env" \
-          "$e2e"/go/{k8s,kwok,helm}/go.{mod,sum}; } | sha256sum | cut -c1-16)"
+          "$e2e"/go/{k8s,kwok,helm,nvidia}/go.{mod,sum} \
+          "$e2e"/go/nvidia/cmd/advertise/*.go; } | sha256sum | cut -c1-16)"
 dir="$cache_root/$key"
 bin="$dir/bin"
 
@@ -61,7 +64,7 @@ case "${1:-}" in
 esac
 
 if complete; then
-  log "reusing $bin (kubernetes ${KUBERNETES_VERSION}, etcd ${ETCD_VERSION}, kwok ${KWOK_VERSION}, helm ${HELM_VERSION})"
+  log "reusing $bin (kubernetes ${KUBERNETES_VERSION}, etcd ${ETCD_VERSION}, kwok ${KWOK_VERSION}, helm ${HELM_VERSION}, nvidia device plugin ${NVIDIA_DEVICE_PLUGIN_VERSION})"
   echo "$dir"; exit 0
 fi
 
@@ -74,6 +77,8 @@ grep -Eq "sigs.k8s.io/kwok ${KWOK_VERSION}( // indirect)?$" "$e2e/go/kwok/go.mod
   || die "e2e/go/kwok/go.mod does not require kwok ${KWOK_VERSION}; run e2e/go/update.sh"
 grep -Eq "helm.sh/helm/v3 ${HELM_VERSION}( // indirect)?$" "$e2e/go/helm/go.mod" \
   || die "e2e/go/helm/go.mod does not require helm ${HELM_VERSION}; run e2e/go/update.sh"
+grep -Eq "github.com/NVIDIA/k8s-device-plugin ${NVIDIA_DEVICE_PLUGIN_VERSION}( // indirect)?$" "$e2e/go/nvidia/go.mod" \
+  || die "e2e/go/nvidia/go.mod does not require k8s-device-plugin ${NVIDIA_DEVICE_PLUGIN_VERSION}; run e2e/go/update.sh"
 
 mkdir -p "$dir"
 # One build per key at a time (two test sessions may start together): wait, then reuse.
@@ -155,6 +160,11 @@ go_build "helm ${HELM_VERSION}" "$e2e/go/helm" \
  -X $hv/pkg/chartutil.k8sVersionMajor=1 -X $hv/pkg/chartutil.k8sVersionMinor=${helm_cg}" \
   -o "$tmp/" helm.sh/helm/v3/cmd/helm
 
+# --- NVIDIA's config-manager and e2e's advertise (NVIDIA's config parser), one module
+go_build "nvidia device plugin ${NVIDIA_DEVICE_PLUGIN_VERSION}" "$e2e/go/nvidia" \
+  -trimpath -ldflags "-s -w" -o "$tmp/" \
+  github.com/NVIDIA/k8s-device-plugin/cmd/config-manager ./cmd/advertise
+
 # --- kwok stages, from the kwok module's kustomize/stage folder
 kwok_dir="$(cd "$e2e/go/kwok" && "$GO" list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
 [[ -d "$kwok_dir/kustomize/stage" ]] || die "kwok module has no kustomize/stage folder ($kwok_dir)"
@@ -175,9 +185,12 @@ chmod -R u+w "$dir/stages.tmp"
   || die "etcd --version does not report ${ETCD_VERSION}"
 "$tmp/helm" version --short | grep -q "^${HELM_VERSION}" || die "helm version does not report ${HELM_VERSION}"
 "$tmp/kwok" --version >/dev/null 2>&1 || die "kwok --version failed"
+"$tmp/config-manager" --help >/dev/null 2>&1 || die "config-manager --help failed"
+"$tmp/advertise" --config-file /dev/null | grep -q '"replicas":1' \
+  || die "advertise does not read an empty config as unshared"
 
 rm -rf "$bin"; mv "$tmp" "$bin"; mv "$dir/stages.tmp" "$dir/stages"
-{ echo "kubernetes=${KUBERNETES_VERSION} etcd=${ETCD_VERSION} kwok=${KWOK_VERSION} helm=${HELM_VERSION} go=${go_version}"
+{ echo "kubernetes=${KUBERNETES_VERSION} etcd=${ETCD_VERSION} kwok=${KWOK_VERSION} helm=${HELM_VERSION} nvidia=${NVIDIA_DEVICE_PLUGIN_VERSION} go=${go_version}"
   echo "built=$(date -u +%FT%TZ) seconds=$((SECONDS - start_all))"; } > "$bin/.complete"
 trap - EXIT
 log "done in $((SECONDS - start_all)) s: $bin"

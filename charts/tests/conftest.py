@@ -140,7 +140,8 @@ class LocalOperator:
                 env=env,
                 cwd=ROOT,
             )
-        wait_until(f"operator health on 127.0.0.1:{self.port}", self._up, timeout=60)
+        # Importing kopf and the client takes a minute on a loaded 2-core machine.
+        wait_until(f"operator health on 127.0.0.1:{self.port}", self._up, timeout=180)
         return self
 
     def _up(self) -> bool:

@@ -86,16 +86,17 @@ def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
     )
     with j.extra_namespace(f"{ns}-elsewhere") as elsewhere:
         try:
-            # 2. install, run the operator with the chart's ServiceAccount, helm test.
+            # 2. install (it watches its own namespace by default), run the operator with the
+            # chart's ServiceAccount (so its RBAC and admission policies apply), helm test.
             install = cluster.helm(
-                "install", RELEASE, str(CHART), "-n", ns,
-                "--set", f"watchNamespaces={{{ns}}}", "--wait", "--timeout", "120s",
-            )  # fmt: skip
+                "install", RELEASE, str(CHART), "-n", ns, "--wait", "--timeout", "120s"
+            )
             notes = install.stdout.split("NOTES:", 1)[1]
             assert f"kubectl apply -n {ns} -f examples/fleet.yaml" in notes
             assert f"helm test {RELEASE} -n {ns}" in notes
             args = j.operator_args(ns, RELEASE)
             assert f"--namespace={ns}" in args
+            assert "--all-namespaces" not in args
             with j.local_operator(ns, RELEASE, args, tmp_path / "op1") as operator:
                 test = cluster.helm("test", RELEASE, "-n", ns, "--timeout", "120s")
                 assert "Phase:          Succeeded" in test.stdout
@@ -324,6 +325,8 @@ def check_uninstall(j: Any, ns: str) -> None:
         "service": ns,
         "clusterrole": None,
         "clusterrolebinding": None,
+        "validatingadmissionpolicy": None,
+        "validatingadmissionpolicybinding": None,
     }
     for kind, where in gone.items():
         scope = ["-n", where] if where else []

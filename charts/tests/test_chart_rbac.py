@@ -13,7 +13,7 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "inferencefleet"
 RELEASE = "inferencefleet"
 DEVICE_PLUGIN_NS = "nvidia-device-plugin"
 
-# (verb, resource[/name][#subresource], where): where is "watched", "elsewhere",
+# (verb, resource[/name][#subresource], where): where is "watched", "elsewhere", "kube-system",
 # "device-plugin" or "cluster".
 ALLOWED = [
     ("get", "inferencefleets.inferencefleet.dev", "watched"),
@@ -52,7 +52,11 @@ DENIED = [
     ("list", "inferencefleets.inferencefleet.dev", "elsewhere"),
     ("list", "inferencefleets.inferencefleet.dev", "cluster"),
     ("create", "deployments.apps", "elsewhere"),
+    ("patch", "deployments.apps", "kube-system"),
+    ("create", "services", "kube-system"),
     ("patch", "configmaps", "elsewhere"),
+    ("create", "configmaps", "kube-system"),
+    ("create", "poddisruptionbudgets.policy", "kube-system"),
     ("list", "pods", "elsewhere"),
     # Verbs the operator never uses in its own namespaces (children go by garbage collection).
     ("delete", "inferencefleets.inferencefleet.dev", "watched"),
@@ -98,14 +102,13 @@ def test_service_account_can_do_exactly_what_the_operator_needs(
     elsewhere = f"{namespace}-elsewhere"
     cluster.kubectl("create", "namespace", elsewhere)
     try:
-        cluster.helm(
-            "install", RELEASE, str(CHART), "-n", namespace,
-            "--set", f"watchNamespaces={{{namespace}}}",
-        )  # fmt: skip
+        # The defaults: the release namespace is the one watched.
+        cluster.helm("install", RELEASE, str(CHART), "-n", namespace)
         who = f"system:serviceaccount:{namespace}:{RELEASE}"
         where = {
             "watched": namespace,
             "elsewhere": elsewhere,
+            "kube-system": "kube-system",
             "device-plugin": DEVICE_PLUGIN_NS,
             "cluster": None,
         }

@@ -48,12 +48,18 @@ def test_default_render_has_the_operator_and_its_rbac(render: Render) -> None:
     assert kinds == sorted(
         [
             "ServiceAccount",
-            "ClusterRole",
-            "ClusterRole",
+            "ClusterRole",  # nodes
             "ClusterRoleBinding",
-            "ClusterRoleBinding",
-            "Role",
+            "Role",  # fleets and their workloads, in the release namespace
             "RoleBinding",
+            "Role",  # the device plugin's ConfigMap
+            "RoleBinding",
+            "ClusterRole",  # aggregated into view
+            "ClusterRole",  # aggregated into edit and admin
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
             "Service",
             "Deployment",
             "Job",
@@ -90,7 +96,7 @@ def test_operator_pod_meets_pod_security_restricted(render: Render) -> None:
 
 def test_operator_flags_follow_the_values(render: Render) -> None:
     assert operator_args(render()) == [
-        "--all-namespaces",
+        "--namespace=ops",
         "--device-plugin-configmap=device-plugin-config",
         "--device-plugin-namespace=nvidia-device-plugin",
         "--worker-image=ghcr.io/inferencefleet/worker:0.1.0",
@@ -128,8 +134,20 @@ def test_operator_flags_follow_the_values(render: Render) -> None:
     ]
 
 
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def is_user_role(doc: dict[str, Any]) -> bool:
+    """The ClusterRoles aggregated into view/edit/admin: for people, not the operator."""
+    return any(key.startswith(AGGREGATE) for key in doc["metadata"].get("labels", {}))
+
+
+def operator_roles(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in ("ClusterRole", "Role") and not is_user_role(d)]
+
+
 def rules_of(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [rule for d in docs if d["kind"] in ("ClusterRole", "Role") for rule in d["rules"]]
+    return [rule for d in operator_roles(docs) for rule in d["rules"]]
 
 
 def test_rbac_has_no_wildcards_no_secrets_and_only_known_verbs(render: Render) -> None:
@@ -144,19 +162,59 @@ def test_rbac_has_no_wildcards_no_secrets_and_only_known_verbs(render: Render) -
             assert rule["resources"] == ["inferencefleets/finalizers"], rule
 
 
-def test_watched_namespaces_get_role_bindings_instead_of_a_cluster_binding(render: Render) -> None:
-    docs = render("--set", "watchNamespaces={vision,video}")
-    bindings = only(docs, "RoleBinding")
-    fleet_bindings = {
-        b["metadata"]["namespace"] for b in bindings if b["roleRef"]["kind"] == "ClusterRole"
+def fleet_roles(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The Roles with the fleet rights, by namespace."""
+    return {
+        d["metadata"]["namespace"]: d
+        for d in only(docs, "Role")
+        if d["metadata"]["name"] == "inferencefleet-fleets"
     }
-    assert fleet_bindings == {"vision", "video"}
+
+
+def test_by_default_only_the_release_namespace_is_watched_through_a_role(render: Render) -> None:
+    docs = render()
+    assert set(fleet_roles(docs)) == {"ops"}
+    bindings = {
+        (b["metadata"]["namespace"], b["roleRef"]["kind"]) for b in only(docs, "RoleBinding")
+    }
+    assert ("ops", "Role") in bindings
+    (cluster_role,) = operator_roles(only(docs, "ClusterRole"))
+    assert cluster_role["metadata"]["name"] == "inferencefleet-cluster"
+    assert grants(cluster_role["rules"]) == {
+        ("", "nodes", verb, "") for verb in ("get", "list", "patch")
+    }
     cluster_bindings = [b["roleRef"]["name"] for b in only(docs, "ClusterRoleBinding")]
     assert cluster_bindings == ["inferencefleet-cluster"], "fleet rights must not be cluster-wide"
 
 
+def test_watched_namespaces_get_roles_instead_of_a_cluster_binding(render: Render) -> None:
+    docs = render("--set", "watchNamespaces={vision,video}")
+    assert set(fleet_roles(docs)) == {"vision", "video"}
+    role_ref = {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "inferencefleet-fleets",
+    }
+    bindings = {
+        b["metadata"]["namespace"] for b in only(docs, "RoleBinding") if b["roleRef"] == role_ref
+    }
+    assert bindings == {"vision", "video"}
+    cluster_bindings = [b["roleRef"]["name"] for b in only(docs, "ClusterRoleBinding")]
+    assert cluster_bindings == ["inferencefleet-cluster"], "fleet rights must not be cluster-wide"
+
+
+def test_watch_all_namespaces_is_an_explicit_choice(render: Render) -> None:
+    docs = render("--set", "watchAllNamespaces=true", "--set", "watchNamespaces={vision}")
+    assert operator_args(docs)[0] == "--all-namespaces"
+    assert not [a for a in operator_args(docs) if a.startswith("--namespace")]
+    assert not fleet_roles(docs)
+    cluster_bindings = sorted(b["roleRef"]["name"] for b in only(docs, "ClusterRoleBinding"))
+    assert cluster_bindings == ["inferencefleet-cluster", "inferencefleet-fleets"]
+
+
 def test_device_plugin_role_is_scoped_to_its_configmap(render: Render) -> None:
-    role = one(render("--set", "devicePlugin.namespace=gpu-system"), "Role")
+    docs = render("--set", "devicePlugin.namespace=gpu-system")
+    (role,) = [d for d in only(docs, "Role") if d["metadata"]["name"].endswith("-device-plugin")]
     assert role["metadata"]["namespace"] == "gpu-system"
     named = [r for r in role["rules"] if "resourceNames" in r]
     assert named == [
@@ -170,8 +228,12 @@ def test_device_plugin_role_is_scoped_to_its_configmap(render: Render) -> None:
 
 
 def test_rbac_can_be_left_to_the_cluster_admin(render: Render) -> None:
-    docs = render("--set", "rbac.create=false", "--set", "serviceAccount.create=false")
-    assert not rules_of(docs)
+    docs = render(
+        "--set", "rbac.create=false", "--set", "rbac.aggregateToDefaultRoles=false",
+        "--set", "serviceAccount.create=false",
+    )  # fmt: skip
+    assert not only(docs, "Role")
+    assert not only(docs, "ClusterRole")
     assert not only(docs, "ServiceAccount")
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "default"
@@ -252,9 +314,91 @@ def test_rbac_is_what_operator_rbac_md_lists_for_a_standalone_operator(render: R
         return {g for g in grants(rules) if g[0] != "kopf.dev"}
 
     docs = render()
-    roles = {d["metadata"]["name"]: d["rules"] for d in only(docs, "ClusterRole")}
-    assert grants(roles["inferencefleet-cluster"]) == without_peering(listed["cluster"])
-    assert grants(roles["inferencefleet-fleets"]) == without_peering(listed["namespaced"])
-    device_plugin = one(docs, "Role")["rules"]
+    roles = {(d["kind"], d["metadata"]["name"]): d["rules"] for d in operator_roles(docs)}
+    assert set(roles) == {
+        ("ClusterRole", "inferencefleet-cluster"),
+        ("Role", "inferencefleet-fleets"),
+        ("Role", "inferencefleet-device-plugin"),
+    }
+    cluster = roles["ClusterRole", "inferencefleet-cluster"]
+    assert grants(cluster) == without_peering(listed["cluster"])
+    assert grants(roles["Role", "inferencefleet-fleets"]) == without_peering(listed["namespaced"])
+    device_plugin = roles["Role", "inferencefleet-device-plugin"]
     assert grants(device_plugin) == without_peering(listed["devicePlugin"])
     assert "--standalone" in operator_args(docs)
+    everywhere = render("--set", "watchAllNamespaces=true")
+    cluster_wide = {d["metadata"]["name"]: d["rules"] for d in only(everywhere, "ClusterRole")}
+    assert grants(cluster_wide["inferencefleet-fleets"]) == without_peering(listed["namespaced"])
+
+
+def policies_of(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d["spec"] for d in only(docs, "ValidatingAdmissionPolicy")}
+
+
+def test_admission_policies_bind_the_operator_service_account_only(render: Render) -> None:
+    docs = render("--set", "serviceAccount.name=fleet-operator")
+    policies = policies_of(docs)
+    assert set(policies) == {"inferencefleet-workloads", "inferencefleet-nodes"}
+    bindings = {
+        b["spec"]["policyName"]: b["spec"]["validationActions"]
+        for b in only(docs, "ValidatingAdmissionPolicyBinding")
+    }
+    assert bindings == {name: ["Deny"] for name in policies}
+    for spec in policies.values():
+        assert spec["failurePolicy"] == "Fail"
+        assert spec["matchConditions"] == [
+            {
+                "name": "is-the-operator",
+                "expression": "request.userInfo.username == "
+                "'system:serviceaccount:ops:fleet-operator'",
+            }
+        ]
+    assert not policies_of(render("--set", "admissionPolicy.enabled=false"))
+
+
+def test_admission_policies_use_the_names_the_operator_gives_things(render: Render) -> None:
+    """The label, annotation and owner names in the policies are fleet_operator.names' own."""
+    from fleet_operator import names
+    from fleet_spec.spec import GROUP, KIND
+
+    policies = policies_of(render("--set", "devicePlugin.configMapName=sharing"))
+    workloads = json.dumps(policies["inferencefleet-workloads"])
+    assert f"[?'{names.MANAGED_BY}'].orValue('') == '{names.MANAGED_BY_VALUE}'" in workloads
+    assert f"r.apiVersion.startsWith('{GROUP}/') && r.kind == '{KIND}'" in workloads
+    assert names.owner_reference({"name": "f", "uid": "u"})["controller"] is True
+    assert "object.metadata.name == 'sharing'" in workloads
+    nodes = json.dumps(policies["inferencefleet-nodes"])
+    for key in (names.PROFILE_LABEL, names.CLAIMS_ANNOTATION):
+        assert key.startswith(f"{GROUP}/"), key
+    assert nodes.count(f"k.startsWith('{GROUP}/')") == 4  # labels and annotations, both ways
+    assert nodes.count(f"k == '{names.DEVICE_PLUGIN_LABEL}'") == 2  # labels only
+
+
+def test_the_device_plugin_namespace_cannot_be_watched(offline_helm: Helm) -> None:
+    out = offline_helm(
+        "template", "inferencefleet", str(CHART),
+        "--set", "watchNamespaces={vision,nvidia-device-plugin}", check=False,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "devicePlugin.namespace nvidia-device-plugin must not be a watched namespace" in (
+        out.stderr
+    )
+
+
+def test_user_roles_aggregate_into_view_edit_and_admin(render: Render) -> None:
+    roles = {d["metadata"]["name"]: d for d in only(render(), "ClusterRole") if is_user_role(d)}
+    assert set(roles) == {"inferencefleet-view", "inferencefleet-edit"}
+
+    def aggregates(name: str) -> set[str]:
+        labels = roles[name]["metadata"]["labels"]
+        return {k.removeprefix(AGGREGATE) for k, v in labels.items() if k.startswith(AGGREGATE)}
+
+    assert aggregates("inferencefleet-view") == {"view", "edit", "admin"}
+    assert aggregates("inferencefleet-edit") == {"edit", "admin"}
+    view = grants(roles["inferencefleet-view"]["rules"])
+    assert {verb for _, _, verb, _ in view} == {"get", "list", "watch"}
+    edit = grants(roles["inferencefleet-edit"]["rules"])
+    assert ("inferencefleet.dev", "inferencefleets", "create", "") in edit
+    assert ("inferencefleet.dev", "inferencefleets/scale", "update", "") in edit
+    assert not [g for g in edit if g[1] in ("inferencefleets/status", "inferencefleets/finalizers")]
+    assert not [d for d in render("--set", "rbac.aggregateToDefaultRoles=false") if is_user_role(d)]

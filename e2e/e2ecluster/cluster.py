@@ -1,9 +1,10 @@
 """Start, check and stop the test cluster's processes, all on 127.0.0.1.
 
-They are etcd, kube-apiserver, controller-manager, scheduler, kwok and the device-plugin
-stand-in. All state lives in one directory (default /dev/shm/inferencefleet-cluster): state.json
-records every process this module started (PID + kernel start time, so a recycled PID
-is never signalled), next to the kubeconfig, keys, logs and etcd's data.
+They are etcd, kube-apiserver, controller-manager, scheduler, kwok and one NVIDIA
+device-plugin pod per GPU node (nvidia.py). All state lives in one directory (default
+/dev/shm/inferencefleet-cluster): state.json records every process this module started
+(PID + kernel start time, so a recycled PID is never signalled), next to the kubeconfig,
+keys, logs and etcd's data.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ BINARIES = (
     "kubectl",
     "kwok",
     "helm",
+    "config-manager",
+    "advertise",
 )
-# Stop order: clients first, storage last.
+# Stop order: clients first (unlisted ones, such as the device-plugin pods, before all),
+# storage last.
 STOP_ORDER = (
-    "device-plugin",
     "kwok",
     "kube-scheduler",
     "kube-controller-manager",
@@ -340,15 +343,26 @@ def api_get(state: State, path: str, timeout: float = 5.0) -> tuple[int, str]:
         return e.code, e.read().decode(errors="replace")
 
 
-def api_send(state: State, method: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
+def api_send(
+    state: State,
+    method: str,
+    path: str,
+    body: dict[str, Any],
+    content_type: str = "application/json",
+) -> tuple[int, str]:
     req = urllib.request.Request(state.server + path, method=method, data=json.dumps(body).encode())
     req.add_header("Authorization", f"Bearer {state.token}")
-    req.add_header("Content-Type", "application/json")
+    req.add_header("Content-Type", content_type)
     try:
         with urllib.request.urlopen(req, timeout=10, context=ssl_context(state)) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
+
+
+def api_patch(state: State, path: str, body: dict[str, Any]) -> tuple[int, str]:
+    """A JSON merge patch."""
+    return api_send(state, "PATCH", path, body, "application/merge-patch+json")
 
 
 def ready(state: State) -> bool:
@@ -569,14 +583,6 @@ def start_components(state: State, stages_dir: Path) -> None:
             *[f"--config={s}" for s in stages],
         ],
     )
-    # The stand-in starts now (Python takes a few seconds to import the client) and
-    # retries until the apiserver answers.
-    spawn(
-        state,
-        "device-plugin",
-        [sys.executable, "-m", "e2ecluster.deviceplugin", f"--kubeconfig={state.kubeconfig}"],
-        env={"PYTHONPATH": str(E2E)},
-    )
     wait_for(state, f"kube-apiserver /readyz at {state.server}", lambda: ready(state), 90)
 
 
@@ -586,12 +592,9 @@ def create_objects(state: State, node_profile: Path) -> None:
         if code not in (201, 409):
             raise ClusterError(f"POST {path} failed ({code}): {text[:500]}")
 
-    from .deviceplugin import CONFIG_NAMESPACE
+    from . import nvidia
 
-    create(
-        "/api/v1/namespaces",
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": CONFIG_NAMESPACE}},
-    )
+    nvidia.create_configmap(state)
     nodes = profile.load(node_profile)
     for node in nodes:
         create("/api/v1/nodes", node)
@@ -608,6 +611,8 @@ def create_objects(state: State, node_profile: Path) -> None:
         return all(n["metadata"]["name"] in ok for n in nodes)
 
     wait_for(state, f"{len(nodes)} nodes Ready (kwok)", all_ready, 60)
+    nvidia.start_pods(state, nodes)
+    wait_for(state, "every GPU node's device plugin", lambda: nvidia.advertising(state, nodes), 120)
 
 
 def usage(state: State) -> str:
@@ -670,8 +675,6 @@ def up(
             write_files(state)
             start_components(state, build_dir / "stages")
             create_objects(state, node_profile)
-            log = state.dir / "logs" / "device-plugin.log"
-            wait_for(state, "the device-plugin stand-in", lambda: "in sync:" in log.read_text(), 60)
             state.complete = True
             state.save()
         except BaseException as e:

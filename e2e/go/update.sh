@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate the wrapper Go modules (go.mod + go.sum) in e2e/go/ from e2e/versions.env.
+# Regenerate the wrapper Go modules (go.mod + go.sum) in e2e/go/ from e2e/versions.env:
+# k8s (control plane + etcd), kwok, helm, nvidia (NVIDIA's config-manager + e2e's advertise).
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces its ~33 staging
 # modules (k8s.io/api, client-go, ...) with ./staging paths.  The wrapper module requires
@@ -76,8 +77,11 @@ MOD
 }
 write_simple kwok sigs.k8s.io/kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 write_simple helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+# nvidia also holds e2e's own cmd/advertise (NVIDIA's config parser); tidy adds what it imports.
+write_simple nvidia github.com/NVIDIA/k8s-device-plugin "$NVIDIA_DEVICE_PLUGIN_VERSION" \
+  github.com/NVIDIA/k8s-device-plugin/cmd/config-manager
 
-for d in k8s kwok helm; do
+for d in k8s kwok helm nvidia; do
   echo ">> go mod tidy in e2e/go/$d"
   (cd "$here/$d" && go mod tidy)
 done

@@ -1,4 +1,4 @@
-"""Smoke tests of the test cluster: versions, GPU scheduling, the device-plugin stand-in."""
+"""Smoke tests of the test cluster: versions, GPU scheduling, NVIDIA's device-plugin config."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import yaml
-from e2ecluster.deviceplugin import CONFIG_NAME, CONFIG_NAMESPACE, LABEL_CONFIG
+from e2ecluster import nvidia
 from e2ecluster.handle import Cluster, pinned_versions, wait_until
+from e2ecluster.nvidia import CONFIG_NAME, CONFIG_NAMESPACE, LABEL_CONFIG
 
 pytestmark = pytest.mark.e2e
 
@@ -154,7 +155,7 @@ def wait_for_sharing(
     wait_until(
         f"{node} to advertise {gpus} GPUs",
         lambda: node_gpus(cluster, node)[:2] == (str(gpus), str(gpus)),
-        timeout=30,
+        timeout=90,  # a label set before the volume has its key: config-manager's back-off
     )
     labels = node_gpus(cluster, node)[2]
     assert labels["nvidia.com/gpu.replicas"] == str(replicas)
@@ -244,7 +245,7 @@ def test_mps_and_a_renamed_resource(
             return {k: v for k, v in allocatable.items() if k.startswith("nvidia.com/gpu")}
 
         want = {"nvidia.com/gpu": "0", "nvidia.com/gpu.shared": "2"}
-        wait_until("nvidia.com/gpu.shared on the Blackwell node", lambda: shared_gpus() == want)
+        wait_until("nvidia.com/gpu.shared on the Blackwell node", lambda: shared_gpus() == want, 90)
         labels = node_gpus(cluster, blackwell)[2]
         assert labels["nvidia.com/gpu.product"] == BLACKWELL  # renamed: no -SHARED
         assert labels["nvidia.com/gpu.sharing-strategy"] == "time-slicing"
@@ -256,13 +257,13 @@ def test_mps_and_a_renamed_resource(
 
 def test_unknown_profile_key_changes_nothing(cluster: Cluster) -> None:
     node = "rtx6000ada-1"
+    sidecar = nvidia.pod_dir(cluster.state, node) / "logs" / "sidecar.log"
     try:
         cluster.kubectl("label", "node", node, f"{LABEL_CONFIG}=no-such-profile")
-        # The stand-in logs and leaves the node: its labels and capacity stay the defaults.
-        log = Path(cluster.state.dir / "logs" / "device-plugin.log")
+        # config-manager exits; the plugin keeps its config: capacity and labels stay.
         wait_until(
-            "the stand-in to see the label",
-            lambda: "'no-such-profile' not in ConfigMap" in log.read_text(),
+            "config-manager to refuse the label",
+            lambda: "specified config no-such-profile does not exist" in sidecar.read_text(),
             timeout=30,
         )
         capacity, _, labels = node_gpus(cluster, node)

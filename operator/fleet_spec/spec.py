@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,26 @@ def _schema_error(error: jsonschema.ValidationError) -> tuple[str, str]:
     return where or "<root>", f"{text} (got {error.instance!r})" if kind != "type" else text
 
 
+# A label name (Kubernetes' qualified name): an optional DNS subdomain prefix and '/', then a name
+# of at most 63 characters; the prefix at most 253. The same regex in the CRD's rules (RE2).
+_LABEL_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_NAME_RULE = "k.matches('" + _LABEL_NAME.replace("\\", "\\\\") + "') && k.indexOf('/') <= 253"
+_CONTAINER_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+
+
+def _is_label_name(key: str) -> bool:
+    return re.fullmatch(_LABEL_NAME, key) is not None and key.find("/") <= 253
+
+
+def _is_resource_name(key: str) -> bool:
+    """What the Deployment API takes as a container resource name."""
+    known = key in _CONTAINER_RESOURCES or key.startswith("hugepages-") or "/" in key
+    return known and _is_label_name(key)
+
+
 # The CRD's CEL rules (x-kubernetes-validations), re-checked in Python. Keyed by the rule text so
 # that a test fails when the CRD gains a rule that has no Python twin here.
 CelCheck = Callable[[Any], bool]
@@ -193,6 +214,18 @@ CEL_RULES: dict[str, CelCheck] = {
     ): (lambda s: all("nvidia.com/gpu" not in s.get(part, {}) for part in ("limits", "requests"))),
     "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''": (
         lambda s: s.get("operator") != "Exists" or not s.get("value")
+    ),
+    f"self.all(k, {_LABEL_NAME_RULE})": lambda s: all(_is_label_name(k) for k in s),
+    (
+        "self.all(k, (k in ['cpu', 'memory', 'ephemeral-storage'] || k.startsWith('hugepages-')"
+        f" || k.contains('/')) && {_LABEL_NAME_RULE})"
+    ): lambda s: all(_is_resource_name(k) for k in s),
+    "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')": (
+        lambda s: bool(s.get("key")) or s.get("operator") == "Exists"
+    ),
+    "!has(self.key) || self.key.indexOf('/') <= 253": lambda s: s.get("key", "").find("/") <= 253,
+    "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')": (
+        lambda s: "tolerationSeconds" not in s or s.get("effect") == "NoExecute"
     ),
 }
 

@@ -119,7 +119,11 @@ def test_sharing_profile_lands_on_nodes_and_deletion_gives_them_back(
     node = _node(cluster, nodes[0])
     assert node["metadata"]["labels"][CONFIG_LABEL] == "mps-4"
     assert node["metadata"]["labels"][PROFILE_LABEL] == "mps-4"
-    assert node["status"]["capacity"]["nvidia.com/gpu"] == "4"  # the device plugin's doing
+    wait_until(  # the device plugin's doing, once its ConfigMap volume holds the key
+        "the node to advertise 4 GPU slots",
+        lambda: _node(cluster, nodes[0])["status"]["capacity"]["nvidia.com/gpu"] == "4",
+        timeout=90,
+    )
     plugin = json.loads(
         cluster.kubectl(
             "get", "configmap", "device-plugin-config", "-n", "nvidia-device-plugin", "-o", "json"

@@ -1,4 +1,4 @@
-"""The operator runs with exactly the RBAC rules operator/RBAC.md lists, and nothing more."""
+"""The operator runs with exactly operator/RBAC.md's rules and the chart's admission policies."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from e2ecluster.handle import wait_until
 pytestmark = pytest.mark.e2e
 
 RBAC_MD = Path(__file__).resolve().parents[1] / "RBAC.md"
+CHART = Path(__file__).resolve().parents[2] / "charts" / "inferencefleet"
 DEVICE_PLUGIN_NAMESPACE = "nvidia-device-plugin"
 
 
@@ -80,11 +81,23 @@ def _token_kubeconfig(cluster: Any, namespace: str, path: Path) -> Path:
     return path
 
 
+def _admission_policies(cluster: Any, namespace: str) -> str:
+    """The chart's admission policies, for this test's ServiceAccount (RBAC.md's last part)."""
+    out = cluster.helm(
+        "template", "documented-rbac", str(CHART), "--namespace", namespace,
+        "--show-only", "templates/admission-policy.yaml",
+        "--set", "serviceAccount.name=fleet-operator", "--set", "fullnameOverride=documented-rbac",
+    )  # fmt: skip
+    text: str = out.stdout
+    assert "system:serviceaccount:" + namespace + ":fleet-operator" in text
+    return text
+
+
 def test_operator_works_with_only_the_documented_rbac(
     cluster: Any, namespace: str, start_operator: Any, tmp_path: Path
 ) -> None:
     objects = _rbac_objects(namespace)
-    manifest = yaml.safe_dump_all(objects)
+    manifest = yaml.safe_dump_all(objects) + "---\n" + _admission_policies(cluster, namespace)
     cluster.kubectl("apply", "-f", "-", input=manifest)
     try:
         kubeconfig = _token_kubeconfig(cluster, namespace, tmp_path / "operator.kubeconfig")

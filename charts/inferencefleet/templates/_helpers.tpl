@@ -77,15 +77,34 @@ Worker image reference (the default for fleets without spec.image).
 {{- end }}
 
 {{/*
+The namespaces the operator watches, as a JSON list: watchNamespaces, or the release namespace.
+(Only meaningful without watchAllNamespaces.)
+*/}}
+{{- define "inferencefleet.watchNamespaces" -}}
+{{- if .Values.watchNamespaces }}
+{{- toJson .Values.watchNamespaces }}
+{{- else }}
+{{- toJson (list .Release.Namespace) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator's ServiceAccount as the apiserver names the user it authenticates.
+*/}}
+{{- define "inferencefleet.serviceAccountUser" -}}
+system:serviceaccount:{{ .Release.Namespace }}:{{ include "inferencefleet.serviceAccountName" . }}
+{{- end }}
+
+{{/*
 The operator's command-line arguments (after `inferencefleet operator`).
 */}}
 {{- define "inferencefleet.operatorArgs" -}}
-{{- if .Values.watchNamespaces }}
-{{- range .Values.watchNamespaces }}
+{{- if .Values.watchAllNamespaces }}
+- --all-namespaces
+{{- else }}
+{{- range (include "inferencefleet.watchNamespaces" . | fromJsonArray) }}
 - --namespace={{ . }}
 {{- end }}
-{{- else }}
-- --all-namespaces
 {{- end }}
 - --device-plugin-configmap={{ .Values.devicePlugin.configMapName }}
 - --device-plugin-namespace={{ .Values.devicePlugin.namespace }}
