@@ -15,9 +15,11 @@ from fleet_spec.spec import FleetSpec, FleetSpecError, parse_fleet
 
 from fleet_operator.names import DEVICE_PLUGIN_LABEL, FLEET_LABEL, MANAGED_BY, MANAGED_BY_VALUE
 from fleet_operator.names import fleet_id as make_fleet_id
-from fleet_operator.observe import Observations
+from fleet_operator.observe import Observations, profiles_by_node, slots_used
 from fleet_operator.render import Owner, render_children
 from fleet_operator.sharing import (
+    DEFAULT_KEY,
+    NO_SHARING_CONFIG,
     ClaimPlan,
     NodeView,
     claim_patch,
@@ -165,6 +167,14 @@ def _profiles_to_drop(
     )
 
 
+def _default_key(obs: Observations, writing: bool) -> dict[str, str]:
+    """The key that shares nothing, when the ConfigMap lacks it and this pass writes to it:
+    without it config-manager's fallback hands a profile to every unlabelled GPU node."""
+    if writing and DEFAULT_KEY not in (obs.device_plugin or {}):
+        return {DEFAULT_KEY: NO_SHARING_CONFIG}
+    return {}
+
+
 def _invalid(obs: Observations, message: str, now: str) -> Decision:
     meta, previous = obs.fleet["metadata"], obs.fleet.get("status") or {}
     status = failed_status("InvalidSpec", message, int(meta.get("generation", 1)), previous, now)
@@ -187,14 +197,15 @@ def decide(obs: Observations, settings: Settings, now: str) -> Decision:
     nodes = {view.name: view for view in (node_view(node) for node in obs.nodes)}
     patches: dict[str, Mapping[str, Any]] = {}
     events: list[Event] = []
-    plan = plan_claims(spec, list(nodes.values()))
+    pods_on, used = profiles_by_node(obs.pods), slots_used(obs.other_pods)
+    plan = plan_claims(spec, list(nodes.values()), pods_on, used)
     stale = _stale_holders(plan, obs)
     if stale:
         for name, view in list(nodes.items()):
             after, dropped = drop_holders(view, stale)
             if dropped:
                 nodes[name], patches[name] = after, dropped
-        plan = plan_claims(spec, list(nodes.values()))
+        plan = plan_claims(spec, list(nodes.values()), pods_on, used)
     claimed, released = [], []
     for name in plan.claim:
         claim = claim_patch(nodes[name], me, plan.profile, spec.gpu.shared)
@@ -223,6 +234,7 @@ def decide(obs: Observations, settings: Settings, now: str) -> Decision:
     write: dict[str, str] = {}
     if config is not None and plan.hold and (obs.device_plugin or {}).get(plan.profile) != config:
         write[plan.profile] = config
+    write.update(_default_key(obs, bool(write)))
     drop: tuple[str, ...] = ()
     if released or stale:
         drop = _profiles_to_drop(obs, list(nodes.values()), plan.profile if plan.hold else None)

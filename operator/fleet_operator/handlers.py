@@ -113,6 +113,7 @@ def _observe(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, An
         nodes=list(nodes[None]) if None in nodes else [],
         children=children,
         pods=list(pods[(namespace, name)]) if (namespace, name) in pods else [],
+        other_pods=[pod for key in pods if key != (namespace, name) for pod in pods[key]],
         fleets=frozenset(fleet_id(ns, n) for ns, n in indexes["fleets_by_name"]),
         watched=memo.watched,
     )

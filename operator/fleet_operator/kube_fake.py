@@ -69,18 +69,18 @@ class FakeKube:
                 labels = body["metadata"].get("labels") or {}
                 ours = labels.get(MANAGED_BY) == MANAGED_BY_VALUE
                 children[(kind, child)] = trim_child(copy.deepcopy(body), ours=ours)
-        pods = [
-            trim_pod(body)
-            for (kind, ns, _), body in self.objects.items()
-            if kind == "Pod"
-            and ns == namespace
-            and (body["metadata"].get("labels") or {}).get(FLEET_LABEL) == name
-        ]
+        pods: list[dict[str, Any]] = []
+        other_pods: list[dict[str, Any]] = []
+        for (kind, ns, _), body in self.objects.items():
+            if kind == "Pod" and FLEET_LABEL in (body["metadata"].get("labels") or {}):
+                mine = ns == namespace and body["metadata"]["labels"][FLEET_LABEL] == name
+                (pods if mine else other_pods).append(trim_pod(body))
         return Observations(
             fleet=fleet,
             nodes=[trim_node(copy.deepcopy(node)) for node in self.nodes.values()],
             children=children,
             pods=pods,
+            other_pods=other_pods,
             fleets=frozenset(fleet_id(ns, n) for ns, n in self.fleets),
             watched=None,
         )

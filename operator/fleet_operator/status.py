@@ -95,6 +95,14 @@ def observed_generation(observed: Observed, previous: Mapping[str, Any]) -> int 
 
 
 def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
+    if plan.mig_refused and not plan.capacity.fits:
+        return _condition(
+            "GPUSharing",
+            False,
+            "MIGMode",
+            f"MPS sharing cannot run on GPUs in MIG mode: {', '.join(plan.mig_refused)}; "
+            "use timeSlicing or sharing none there, or turn MIG off on those nodes",
+        )
     if plan.conflicts:
         held = ", ".join(c.describe() for c in plan.conflicts)
         return _condition(
@@ -102,6 +110,23 @@ def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
             False,
             "ProfileConflict",
             f"needs nodes with profile {plan.profile}, but {held}; those nodes are left alone",
+        )
+    if plan.waiting:
+        return _condition(
+            "GPUSharing",
+            False,
+            "ProfileChangeWaiting",
+            f"{', '.join(plan.waiting)} switch to profile {plan.profile} once the pods placed "
+            "under the old profile have left",
+        )
+    if plan.pending:
+        pending = "; ".join(f"{node} pending: {why}" for node, why in plan.pending)
+        return _condition(
+            "GPUSharing",
+            False,
+            "ProfilePending",
+            f"profile {plan.profile} not advertised yet: {pending} (the device plugin reads "
+            "its ConfigMap through a volume the kubelet refreshes about a minute late)",
         )
     where = ", ".join(plan.hold) if plan.hold else "no nodes yet"
     reason = "Exclusive" if plan.profile == EXCLUSIVE else "ProfileApplied"
@@ -176,6 +201,8 @@ def compute_status(
             "slotsAvailable": capacity.slots_available,
             "memoryNeededMiBPerGPU": capacity.memory_needed_mib,
             "nodes": list(plan.hold),
+            "applied": list(plan.applied),
+            "pending": [{"node": node, "reason": why} for node, why in plan.pending],
             "summary": capacity.summary(),
         },
         "placement": pods_per_node(observed.pods, spec.processes_per_pod),

@@ -40,6 +40,11 @@ def _find_all(value: str, pattern: str, limit: int = -1) -> list[str]:
     return matches if limit < 0 else matches[:limit]
 
 
+def _index_of(value: str, substring: str, offset: int = 0) -> int:
+    """Kubernetes' strings extension: the first index of substring at or after offset, or -1."""
+    return value.find(substring, offset)
+
+
 def _is_sorted(values: list[Any]) -> bool:
     return all(a <= b for a, b in itertools.pairwise(values))
 
@@ -50,6 +55,7 @@ KUBERNETES_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "find": _find,
     "findAll": _find_all,
     "isSorted": _is_sorted,
+    "indexOf": _index_of,
 }
 
 # Functions and macros of the CEL standard definitions that the library evaluates itself.

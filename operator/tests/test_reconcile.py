@@ -187,7 +187,7 @@ def test_claims_of_a_fleet_that_no_longer_exists_are_dropped(
     assert meta["annotations"][CLAIMS_ANNOTATION] == "vision/detector"
     assert meta["labels"][DEVICE_PLUGIN_LABEL] == "timeslicing-2"
     assert set(kube.configmaps[PLUGIN]) == {"timeslicing-2", "default"}
-    assert condition(kube, "GPUSharing")["status"] == "True"
+    assert condition(kube, "GPUSharing")["reason"] == "ProfilePending"  # labelled just now
 
 
 def test_a_node_held_under_another_profile_is_a_conflict(
@@ -318,6 +318,72 @@ def test_a_look_older_than_the_last_status_written_repeats_no_event(
     reconciler.reconcile(replace(kube.observe("vision", "detector"), fleet=stale.fleet))
     assert kube.events == events
     assert not any(w.startswith("patch status") for w in kube.writes)
+
+
+def test_the_configmap_always_gets_a_key_that_shares_nothing(
+    kube: FakeKube, reconciler: Reconciler
+) -> None:
+    kube.add_fleet(fleet())
+    run(reconciler, kube)
+    assert sorted(kube.configmaps[PLUGIN]) == ["default", "timeslicing-2"]
+    assert "sharing" not in kube.configmaps[PLUGIN]["default"]
+    reconciler.release(kube.observe("vision", "detector"))
+    assert list(kube.configmaps[PLUGIN]) == ["default"]  # the last profile goes, the default stays
+
+
+def test_an_existing_default_key_is_left_as_it_is(kube: FakeKube, reconciler: Reconciler) -> None:
+    kube.configmaps[PLUGIN] = {"default": "version: v1\n"}
+    kube.add_fleet(fleet())
+    run(reconciler, kube)
+    assert kube.configmaps[PLUGIN]["default"] == "version: v1\n"
+
+
+def test_mps_on_a_mig_node_is_refused_naming_mig(kube: FakeKube, reconciler: Reconciler) -> None:
+    kube.nodes["ada-0"]["metadata"]["labels"]["nvidia.com/mig.strategy"] = "single"
+    kube.add_fleet(fleet(gpu={"product": ADA, "sharing": "mps", "workersPerGPU": 2}))
+    run(reconciler, kube)
+    sharing = condition(kube, "GPUSharing")
+    assert (sharing["status"], sharing["reason"]) == ("False", "MIGMode")
+    assert "ada-0 (nvidia.com/mig.strategy=single)" in sharing["message"]
+    assert PROFILE_LABEL not in kube.nodes["ada-0"]["metadata"]["labels"]
+
+
+def advertise(kube: FakeKube, name: str, replicas: int, strategy: str) -> None:
+    """What the device plugin and feature discovery show once the node runs a profile."""
+    body = kube.nodes[name]
+    gpus = int(body["metadata"]["labels"]["nvidia.com/gpu.count"])
+    body["status"]["allocatable"] = {"nvidia.com/gpu": str(gpus * replicas)}
+    body["metadata"]["labels"].update(
+        {"nvidia.com/gpu.replicas": str(replicas), "nvidia.com/gpu.sharing-strategy": strategy}
+    )
+
+
+@pytest.mark.parametrize(
+    ("replicas", "strategy", "reason", "pending"),
+    [
+        (None, None, "ProfilePending", "advertises no nvidia.com/gpu, not 4 slots"),
+        (1, "none", "ProfilePending", "advertises nvidia.com/gpu=2, not 4 slots"),
+        (2, "mps", "ProfilePending", "advertises nvidia.com/gpu.sharing-strategy=mps"),
+        (2, "time-slicing", "ProfileApplied", None),
+    ],
+)
+def test_a_profile_is_applied_only_once_the_node_advertises_it(
+    kube: FakeKube,
+    reconciler: Reconciler,
+    replicas: int | None,
+    strategy: str | None,
+    reason: str,
+    pending: str | None,
+) -> None:
+    kube.add_fleet(fleet())
+    run(reconciler, kube)  # claims and labels the node
+    if replicas is not None and strategy is not None:
+        advertise(kube, "ada-0", replicas, strategy)
+    run(reconciler, kube)
+    assert condition(kube, "GPUSharing")["reason"] == reason
+    gpu = kube.fleet("vision", "detector")["status"]["gpu"]
+    assert gpu["pending"] == ([] if pending is None else [{"node": "ada-0", "reason": pending}])
+    assert gpu["applied"] == ([] if pending is not None else ["ada-0"])
 
 
 def test_passes_see_the_claims_written_before_the_watch_shows_them(

@@ -86,6 +86,8 @@ def test_all_ready_fleet() -> None:
         "slotsAvailable": 4,
         "memoryNeededMiBPerGPU": 4 * 2 * 2048,
         "nodes": ["ada-0"],
+        "applied": [],
+        "pending": [{"node": "ada-0", "reason": "advertises no nvidia.com/gpu, not 4 slots"}],
         "summary": "4/4",
     }
     assert _conditions(status) == {
@@ -93,7 +95,7 @@ def test_all_ready_fleet() -> None:
         "Progressing": ("False", "Complete"),
         "Degraded": ("False", "AsExpected"),
         "GPUCapacity": ("True", "Fits"),
-        "GPUSharing": ("True", "ProfileApplied"),
+        "GPUSharing": ("False", "ProfilePending"),
         "ChildrenOwned": ("True", "AllOwned"),
     }
     assert all(c["observedGeneration"] == 2 for c in status["conditions"])
