@@ -327,16 +327,16 @@ def plan_claims(
     conflicts: list[Conflict] = []
     # Prefer nodes already running our profile, then free ones; by name for a stable order.
     rest = sorted(
-        (n for n in candidates if me not in n.claims and free(n) > 0),
+        (n for n in candidates if me not in n.claims and host_slots(spec, n.host()) > 0),
         key=lambda n: (n.profile != key, bool(n.claims), n.name),
     )
     for node in rest:
         if slots >= spec.replicas:
             break
-        if not _usable(node, me, key):
+        if not _usable(node, me, key):  # a conflict even when the other profile fills it
             profile = node.foreign_config or node.profile or "?"
             conflicts.append(Conflict(node.name, profile, tuple(sorted(node.claims))))
-        elif not node.unschedulable:
+        elif not node.unschedulable and free(node) > 0:
             hold.append(node)
             claim.append(node.name)
             slots += free(node)

@@ -115,6 +115,13 @@ def test_another_profile_is_a_conflict_never_an_override() -> None:
     assert claim_patch(nodes[0], "ns/a", "timeslicing-4", shared=True) is None
 
 
+def test_a_conflict_is_reported_even_when_the_other_profile_fills_the_node() -> None:
+    other = {"labels": {PROFILE_LABEL: "mps-2", DEVICE_PLUGIN_LABEL: "mps-2"}, "claims": "ns/b"}
+    plan = plan_claims(_fleet(replicas=2), [_node("ada-0", **other)], used={"ada-0": 8})
+    assert plan.claim == ()
+    assert [c.describe() for c in plan.conflicts] == ["ada-0 runs mps-2 (ns/b)"]
+
+
 def test_a_config_label_set_by_someone_else_is_respected() -> None:
     node = _node("ada-0", labels={DEVICE_PLUGIN_LABEL: "admin-choice"})
     plan = plan_claims(_fleet(), [node])
