@@ -334,5 +334,39 @@ def start_operator(
 
 
 @pytest.fixture
+def killable_operator(
+    cluster: Any, namespace: str, crds: None, tmp_path: Path
+) -> Iterator[Callable[[str, int], OperatorProcess]]:
+    """start(log, priority): an operator process for this namespace that the test may SIGKILL;
+    no cleanup of fleets (a later `start_operator` does that). Any left running is killed."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(log: str, priority: int) -> OperatorProcess:
+        port = _free_port()
+        argv = [
+            str(OPERATOR_BIN), "operator", "--namespace", namespace,
+            "--liveness-host", "127.0.0.1", "--liveness-port", str(port),
+            "--priority", str(priority), "--log-level", "info",
+        ]  # fmt: skip
+        with (tmp_path / log).open("wb") as sink:
+            process = subprocess.Popen(argv, env=cluster.env, stdout=sink, stderr=subprocess.STDOUT)
+        started.append(process)
+        handle = OperatorProcess(process, tmp_path / log, f"http://127.0.0.1:{port}/healthz")
+        wait_until(
+            "the operator's liveness endpoint",
+            lambda: process.poll() is not None or _healthy(handle.liveness),
+            timeout=120,
+        )
+        assert process.poll() is None, f"operator exited:\n{handle.output()}"
+        return handle
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
 def fleets(cluster: Any, namespace: str, operator: OperatorProcess) -> Fleets:
     return Fleets(cluster, namespace)
