@@ -469,6 +469,8 @@ def main(argv: list[str]) -> int:
         operator = Operator(cluster, namespace, kubeconfig, logs)
         operator.start()
         kill = kill_rounds(operator, world, changes, args.rounds, args.deadline)
+        if args.json:  # the longest part is kept even if a later one fails
+            args.json.write_text(json.dumps({"kill": kill}, indent=2) + "\n")
         for name in changes.existing():
             changes.kubectl("delete", PLURAL, name, "--timeout=120s")
         api = apiserver_restart(state, operator, world, changes, args.deadline)

@@ -73,14 +73,14 @@ def _change(cluster: Any, namespace: str, rng: random.Random, step: int, live: s
             "apiVersion": "inferencefleet.dev/v1alpha1",
             "kind": "InferenceFleet",
             "metadata": {"name": name, "namespace": namespace},
-            "spec": {"replicas": rng.randint(1, 3), "model": MODEL, "gpu": GPU},
+            "spec": {"replicas": rng.randint(1, 2), "model": MODEL, "gpu": GPU},
         }
         cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(fleet))
         live.add(name)
         return
     name = rng.choice(sorted(live))
     if kind == "scale":
-        args = ("scale", f"inferencefleets/{name}", f"--replicas={rng.randint(1, 3)}")
+        args = ("scale", f"inferencefleets/{name}", f"--replicas={rng.randint(1, 2)}")
     elif kind == "edit":
         patch = {"spec": {"batching": {"maxBatchSize": rng.choice([4, 8, 16])}}}
         args = ("patch", "inferencefleets", name, "--type=merge", "-p", json.dumps(patch))
