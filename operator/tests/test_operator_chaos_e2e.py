@@ -91,7 +91,7 @@ def _change(cluster: Any, namespace: str, rng: random.Random, step: int, live: s
 
 
 def test_operator_killed_mid_reconcile_converges_without_orphans(
-    cluster: Any, namespace: str, killable_operator: Any, start_operator: Any
+    cluster: Any, namespace: str, killable_operator: Any
 ) -> None:
     rng = random.Random(7)
     step, live = 0, set[str]()
@@ -106,8 +106,8 @@ def test_operator_killed_mid_reconcile_converges_without_orphans(
         operator.process.wait(timeout=10)
         _change(cluster, namespace, rng, step, live)  # a change no operator saw
         step += 1
-    with start_operator("final.log", extra=("--priority", "1000")):
-        _converged(cluster, namespace)
-        fleets = _items(cluster, "inferencefleets", "-n", namespace)
-        assert {f["metadata"]["name"] for f in fleets} == live
-        assert live, "no fleet left to check"
+    killable_operator("final.log", 1000)  # the fixture deletes the fleets through it
+    _converged(cluster, namespace)
+    fleets = _items(cluster, "inferencefleets", "-n", namespace)
+    assert {f["metadata"]["name"] for f in fleets} == live
+    assert live, "no fleet left to check"
