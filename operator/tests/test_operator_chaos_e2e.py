@@ -17,6 +17,9 @@ pytestmark = pytest.mark.e2e
 
 ROUNDS = 3
 MODEL = {"source": "builtin:tiny"}
+# 5 steps against 4 changes a round: the kills land after different kinds of change, and
+# fleets are left at the end (2 of every 5 steps create, 1 deletes).
+ROTATION = ("create", "scale", "edit", "create", "delete")
 KINDS = "deployments,services,configmaps,poddisruptionbudgets"
 GPU = {"product": "NVIDIA-RTX-6000-Ada-Generation", "sharing": "timeSlicing", "workersPerGPU": 4}
 
@@ -64,9 +67,9 @@ def _converged(cluster: Any, namespace: str) -> None:
 
 
 def _change(cluster: Any, namespace: str, rng: random.Random, step: int, live: set[str]) -> None:
-    """One of create, scale, edit the batching, delete (in rotation, random values); `live`
+    """One of create, scale, edit the batching, delete (in ROTATION, random values); `live`
     follows the fleets that should exist."""
-    kind = ("create", "scale", "edit", "delete")[step % 4] if live else "create"
+    kind = ROTATION[step % len(ROTATION)] if live else "create"
     if kind == "create":
         name = f"c{step}"
         fleet = {
