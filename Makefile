@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= builtin:resnet18
 
-.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-local bench-client bench-operator bench-chaos-operator clean chart-sync-crd
+.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-tune gpu-check bench-local bench-client bench-operator bench-chaos-operator clean chart-sync-crd
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -28,7 +28,7 @@ lint: ## ruff
 	@$(VENV)/bin/ruff format --check .
 
 typecheck: ## mypy --strict
-	@$(VENV)/bin/mypy server/inferencefleet server/fleet_proto server/fleet_server server/fleet_client operator/fleet_spec operator/fleet_operator operator/fleet_local
+	@$(VENV)/bin/mypy server/inferencefleet server/fleet_proto server/fleet_server server/fleet_client server/fleet_tune operator/fleet_spec operator/fleet_operator operator/fleet_local
 
 unit: setup ## only the tests that need no process, network or cluster
 	@$(PY) -m pytest -m "not integration and not e2e"
@@ -38,6 +38,12 @@ proto: ## regenerate the protobuf/gRPC code next to server/fleet_proto/inference
 
 bench-server: setup ## raw model vs served frames/s and added latency (MODEL=builtin:resnet18)
 	@$(PY) bench/bench_server.py --model $(MODEL)
+
+bench-tune: setup ## inferencefleet tune vs an exhaustive sweep of the same grid (tune/sweep and time ratios)
+	@$(PY) bench/bench_tune.py
+
+gpu-check: setup ## on a machine with an NVIDIA GPU (<= 8 min): CUDA tests, resnet18 raw/served, 1/2/4 workers, tune
+	@$(PY) bench/gpu_check.py
 
 bench-local: setup ## 1 worker at batch 1 vs the example fleet's best configuration
 	@$(PY) bench/bench_local.py

@@ -143,46 +143,50 @@ def kill_rounds(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         load = subprocess.Popen(
             cli("bench", ",".join(endpoints), "--model", "tiny", "-c", "6", "--warmup", "0",
                 "--duration", str(args.rounds * 30), "--json", "--quiet", "--timeout", "10"),
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         checkers = {address: Checker(address, frames, logits) for address in endpoints}
         restart_s: list[float] = []
-        victims: set[str] = set()
+        victim_errors: Counter[str] = Counter()  # callers of the worker killed in that round
+        other_errors: Counter[str] = Counter()  # callers of the others, in the same round
         peak = 0.0
 
         async def chaos() -> None:
             nonlocal peak
-            callers = [asyncio.create_task(c.run(2)) for c in checkers.values()]
+            callers = [asyncio.create_task(c.run(1)) for c in checkers.values()]
             await asyncio.sleep(3)  # load settles
             for round_ in range(args.rounds):
                 workers = status()["workers"]
                 victim = workers[round_ % len(workers)]
                 peak = max([peak, *(peak_rss_mib(w["pid"]) for w in workers)])
-                victims.add(victim["address"])
+                before = {a: c.errors.copy() for a, c in checkers.items()}
                 os.kill(victim["pid"], signal.SIGKILL)
                 want = victim["restarts"] + 1
 
                 def back(name: str = victim["name"], want: int = want) -> bool:
                     for w in status().get("workers", []):
                         if w["name"] == name:
-                            return bool(w["state"] == "ready" and w["restarts"] == want)
+                            return bool(w["state"] == "ready" and w["restarts"] >= want)
                     return False
 
-                restart_s.append(await asyncio.to_thread(wait_for, "a restart", back, 120))
+                restart_s.append(
+                    await asyncio.to_thread(wait_for, f"{victim['name']} restarted", back, 300)
+                )
+                for address, checker in checkers.items():  # errors during this round, by whom
+                    new = checker.errors - before[address]
+                    (victim_errors if address == victim["address"] else other_errors).update(new)
                 await asyncio.sleep(3)
             for checker in checkers.values():
                 checker.stop = True
             await asyncio.gather(*callers)
 
         asyncio.run(chaos())
-        out, _ = load.communicate(timeout=args.rounds * 30 + 120)
-        bench = json.loads(out) if out.strip().startswith("{") else {}
+        out, err = load.communicate(timeout=args.rounds * 30 + 120)
+        bench: dict[str, Any] = {"error": err.strip()[-300:]}
+        if out.strip().startswith("{"):
+            bench = json.loads(out)
         steps = bench.get("steps", [{}])
         bench_errors = steps[0].get("errors", {}) if steps else {}
-        victim_errors: Counter[str] = Counter()
-        other_errors: Counter[str] = Counter()
-        for address, checker in checkers.items():
-            (victim_errors if address in victims else other_errors).update(checker.errors)
         return {
             "what": f"SIGKILL a worker mid-load (3 workers, {args.rounds} rounds)",
             "rounds": args.rounds,
@@ -193,6 +197,8 @@ def kill_rounds(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "other_errors": dict(other_errors),
             "bench_requests": steps[0].get("requests") if steps else None,
             "bench_errors": bench_errors,
+            "bench_exit": load.returncode,
+            "bench_failure": bench.get("error", ""),
             "peak_rss_mib": round(peak, 1),
         }
     finally:
@@ -365,7 +371,7 @@ def overload(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fuzz", type=int, default=10_000)
     parser.add_argument("--overload-s", type=float, default=10.0)
     parser.add_argument("--image-size", type=int, default=64)

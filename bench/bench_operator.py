@@ -1,16 +1,20 @@
 """Operator benchmark on the test cluster: `kubectl apply` → status Ready for a 100-replica
-fleet, and `kubectl scale` → the Deployment's new replicas (p50/p99 over 20 scales).
+fleet, `kubectl scale` → the Deployment's new replicas (p50/p99 over 20 scales), and the
+operator's API load at rest: requests per minute it sends with 100 Ready fleets.
 
 Starts (or reuses) the e2e cluster, installs crds/, runs `inferencefleet operator` as a
-process for a fresh namespace, measures, and removes everything it made. Pods are kwok's:
+process for a fresh namespace (through bench/count_api_requests.py, which counts every
+request the process sends), measures, and removes everything it made. Pods are kwok's:
 "Ready" means the Deployment's readyReplicas as reported in the fleet's status.
 
-    .venv/bin/python bench/bench_operator.py [--replicas 100] [--scales 20] [--json FILE]
+    .venv/bin/python bench/bench_operator.py [--replicas 100] [--scales 20]
+        [--fleets 100] [--rest-seconds 120] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import secrets
@@ -82,6 +86,17 @@ class Bench:
             c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or []
         )
 
+    def all_observed(self, count: int) -> bool:
+        """`count` fleets, each with a status written for its current generation."""
+        items = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
+        seen = [
+            fleet
+            for fleet in items["items"]
+            if (fleet.get("status") or {}).get("observedGeneration")
+            == fleet["metadata"].get("generation")
+        ]
+        return len(seen) >= count
+
     def deployment_replicas(self, name: str) -> int | None:
         try:
             replicas: int = self.apps.read_namespaced_deployment(name, self.namespace).spec.replicas
@@ -93,13 +108,13 @@ class Bench:
 
 
 def start_operator(
-    cluster: Cluster, namespace: str, log: Path
+    cluster: Cluster, namespace: str, log: Path, counts: Path
 ) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     argv = [
-        str(REPO / ".venv" / "bin" / "inferencefleet"), "operator",
+        sys.executable, str(REPO / "bench" / "count_api_requests.py"), str(counts), "operator",
         "--namespace", namespace,
         "--liveness-host", "127.0.0.1", "--liveness-port", str(port),
         "--log-level", "warning",
@@ -117,7 +132,7 @@ def start_operator(
         except OSError:
             return False
 
-    poll("the operator's liveness endpoint", healthy, timeout=60, interval=0.2)
+    poll("the operator's liveness endpoint", healthy, timeout=300, interval=0.2)
     return process, url
 
 
@@ -171,10 +186,61 @@ def measure(bench: Bench, replicas: int, scales: int) -> dict[str, Any]:
     }
 
 
+def read_counts(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = json.loads(path.read_text(encoding="utf-8"))["counts"]
+    return counts
+
+
+def at_rest(bench: Bench, counts: Path, fleets: int, seconds: float) -> dict[str, Any]:
+    """Requests per minute the operator sends while `fleets` one-replica fleets sit Ready."""
+    names = [f"rest-{i:03d}" for i in range(fleets)]
+    documents = [
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "InferenceFleet",
+            "metadata": {"name": name, "namespace": bench.namespace},
+            "spec": {
+                "replicas": 1,
+                "model": {"source": "builtin:tiny"},
+                "gpu": {"product": ADA, "sharing": "timeSlicing", "workersPerGPU": 20},
+            },
+        }
+        for name in names
+    ]
+    start = time.perf_counter()
+    for first in range(0, len(documents), 10):  # small batches: a busy apiserver is slow
+        batch = yaml.safe_dump_all(documents[first : first + 10])
+        bench.cluster.kubectl("apply", "-f", "-", input=batch, timeout=600)
+    # Every fleet seen and its status written for its generation. Not all get Ready: fleets
+    # of one profile do not yet count each other's pods on a shared node, so some pods of the
+    # last fleets stay Pending; the operator's passes over them cost the same.
+    poll(f"all {fleets} fleets observed", functools.partial(bench.all_observed, fleets), 900, 2)
+    all_observed = time.perf_counter() - start
+    time.sleep(30)  # let the last status writes and events settle
+    before, t0 = read_counts(counts), time.perf_counter()
+    time.sleep(seconds)
+    after, t1 = read_counts(counts), time.perf_counter()
+    minutes = (t1 - t0) / 60
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    delta = {k: v for k, v in sorted(delta.items(), key=lambda kv: -kv[1]) if v}
+    bench.cluster.kubectl(
+        "delete", "ifleet", "--all", "-n", bench.namespace, "--timeout=900s", timeout=960
+    )
+    return {
+        "fleets": fleets,
+        "all_observed_s": round(all_observed, 1),
+        "window_s": round(t1 - t0, 1),
+        "requests_per_minute": round(sum(delta.values()) / minutes, 1),
+        "by_request_per_minute": {k: round(v / minutes, 1) for k, v in delta.items()},
+    }
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=100)
     parser.add_argument("--scales", type=int, default=20)
+    parser.add_argument("--fleets", type=int, default=100, help="fleets at rest (0: skip)")
+    parser.add_argument("--rest-seconds", type=float, default=120)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -182,7 +248,8 @@ def main(argv: list[str]) -> int:
     cluster = Cluster(state)
     namespace = f"bench-operator-{secrets.token_hex(3)}"
     core = client.CoreV1Api(cluster.api)
-    log = Path(tempfile.mkdtemp(prefix="bench-operator-")) / "operator.log"
+    workdir = Path(tempfile.mkdtemp(prefix="bench-operator-"))
+    log, counts = workdir / "operator.log", workdir / "counts.json"
     process = None
     try:
         for crd in ("inferencefleet.yaml", "kopf-peering.yaml"):
@@ -192,12 +259,20 @@ def main(argv: list[str]) -> int:
             "crd/inferencefleets.inferencefleet.dev",
         )  # fmt: skip
         core.create_namespace({"metadata": {"name": namespace}})
-        process, _ = start_operator(cluster, namespace, log)
-        figures = measure(Bench(cluster, namespace), args.replicas, args.scales)
+        process, _ = start_operator(cluster, namespace, log, counts)
+        bench = Bench(cluster, namespace)
+        figures = measure(bench, args.replicas, args.scales)
+        print(json.dumps(figures), file=sys.stderr, flush=True)
+        if args.fleets:
+            figures["at_rest"] = at_rest(bench, counts, args.fleets, args.rest_seconds)
     finally:
         if process is not None:
             process.terminate()
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
         core.delete_namespace(namespace)
         cluster.close()
         if started:
@@ -209,7 +284,13 @@ def main(argv: list[str]) -> int:
         f"p50 {figures['scale_to_deployment_ms']['p50']} ms, "
         f"p99 {figures['scale_to_deployment_ms']['p99']} ms "
         f"(kubectl scale itself: p50 {figures['kubectl_scale_command_ms_p50']} ms); "
-        f"operator log: {log}"
+        + (
+            f"at rest with {figures['at_rest']['fleets']} fleets: "
+            f"{figures['at_rest']['requests_per_minute']} requests/min; "
+            if "at_rest" in figures
+            else ""
+        )
+        + f"operator log: {log}"
     )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -8,7 +8,9 @@ stream, or concurrent unary calls). Raw and served windows alternate for several
 load from elsewhere on the machine hits both alike; medians are reported, and
 `served/raw ratio: 0.NN` = median served frames/s at saturation / median raw frames/s at the best
 batch. The added latency is the p50 of unary single-frame calls at concurrency 1 minus the p50
-of the raw batch-1 forward.
+of the raw batch-1 forward. A second worker, the same but with maxBatchSize 1, is measured at
+--low-in-flight requests in flight next to the first: `batched/unbatched ratio at 4 in flight`
+says whether batching pays when the queue is shallow.
 """
 
 from __future__ import annotations
@@ -103,6 +105,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_worker(args: argparse.Namespace, port: int, batch: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "fleet_server.serve", "--model", args.model,
+            "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+            "--threads", str(args.threads), "--image-size", str(args.image_size),
+            "--max-batch-size", str(batch),
+            "--max-queue-delay-us", str(args.max_queue_delay_us),
+            "--max-queue-size", str(max(64, 4 * args.in_flight)),
+        ],
+        env={**os.environ, "PYTHONPATH": f"{ROOT / 'server'}:{ROOT / 'operator'}"},
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -183,7 +200,7 @@ class Load:
 
 
 async def measure(
-    args: argparse.Namespace, raw: Raw, port: int, server: int, batch: int
+    args: argparse.Namespace, raw: Raw, ports: tuple[int, int], servers: tuple[int, int], batch: int
 ) -> dict[str, Any]:
     import numpy as np
     from fleet_client.client import InferenceClient, infer_request
@@ -194,12 +211,19 @@ async def measure(
     )
     request = infer_request(served_model_name(args.model), frame)
     keys = ("raw", "stream", "unary", "p50", "raw_p50", "raw_cpu", "stream_cpu", "unary_cpu")
-    keys += ("stream_cpu_all", "unary_cpu_all")
+    keys += ("stream_cpu_all", "unary_cpu_all", "low_batched", "low_unbatched")
+    keys += ("low_batched_cpu", "low_unbatched_cpu")
     rounds: dict[str, list[float]] = {k: [] for k in keys}
-    async with InferenceClient(f"127.0.0.1:{port}") as client:
+    async with (
+        InferenceClient(f"127.0.0.1:{ports[0]}") as client,
+        InferenceClient(f"127.0.0.1:{ports[1]}") as unbatched_client,
+    ):
         await client.wait_ready(within_s=600)
-        load = Load(client, request, server)
+        await unbatched_client.wait_ready(within_s=600)
+        load = Load(client, request, servers[0])
+        unbatched = Load(unbatched_client, request, servers[1])
         await load.latency_p50(1.0)
+        await unbatched.latency_p50(1.0)
         for _ in range(args.rounds):
             rounds["raw_p50"].append(raw.run(1, args.latency_seconds)["p50"])
             rounds["p50"].append(await load.latency_p50(args.latency_seconds))
@@ -213,6 +237,11 @@ async def measure(
                 rounds[mode].append(fps)
                 rounds[f"{mode}_cpu"].append(frames / worker_cpu)
                 rounds[f"{mode}_cpu_all"].append(frames / (worker_cpu + client_cpu))
+            # batching at low concurrency: the same worker settings with maxBatchSize 1
+            for name, which in (("low_batched", load), ("low_unbatched", unbatched)):
+                fps, frames = await which.unary_fps(args.low_in_flight, args.seconds, 1.0)
+                rounds[name].append(fps)
+                rounds[f"{name}_cpu"].append(frames / which.window_cpu()[0])
     return rounds
 
 
@@ -223,7 +252,10 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--max-batch-size", type=int, default=8, help="largest raw batch measured")
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
-    p.add_argument("--in-flight", type=int, default=0, help="default: 2 x the served batch")
+    p.add_argument("--in-flight", type=int, default=16, help="requests in flight at saturation")
+    p.add_argument(
+        "--low-in-flight", type=int, default=4, help="in flight for batched vs maxBatchSize 1"
+    )
     p.add_argument("--rounds", type=int, default=3, help="alternating raw/served rounds")
     p.add_argument("--seconds", type=float, default=8.0, help="each throughput window")
     p.add_argument("--sweep-seconds", type=float, default=3.0, help="each raw batch size")
@@ -236,7 +268,7 @@ def main() -> int:
     print(f"model {args.model}, {args.threads} torch threads, {args.image_size}x{args.image_size}")
     print(f"cpu cores {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start")
     raw = Raw(sys.argv[1:])
-    server: subprocess.Popen[bytes] | None = None
+    servers: list[subprocess.Popen[bytes]] = []
     try:
         sizes = [b for b in (1, 2, 4, 8, 16, 32) if b <= args.max_batch_size]
         sweep = {b: raw.run(b, args.sweep_seconds) for b in sizes}
@@ -248,25 +280,20 @@ def main() -> int:
         # Frames per CPU-second picks the batch: on a busy machine wall-clock rates swing with
         # other load, while CPU time per frame does not (and on an idle one they agree).
         batch = max(sweep, key=lambda b: sweep[b]["frames_per_cpu_s"])
-        args.in_flight = args.in_flight or max(4, 2 * batch)
         print(f"worker: --max-batch-size {batch} (raw best), {args.in_flight} requests in flight")
-        print("then alternating rounds: raw batch-1 latency, served latency, raw, stream, unary")
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable, "-m", "fleet_server.serve", "--model", args.model,
-                "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-                "--threads", str(args.threads), "--image-size", str(args.image_size),
-                "--max-batch-size", str(batch),
-                "--max-queue-delay-us", str(args.max_queue_delay_us),
-                "--max-queue-size", str(max(64, 4 * args.in_flight)),
-            ],
-            env={**os.environ, "PYTHONPATH": f"{ROOT / 'server'}:{ROOT / 'operator'}"},
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        rounds = asyncio.run(measure(args, raw, port, server.pid, batch))
+        print(
+            f"and the same worker with --max-batch-size 1, both at {args.low_in_flight} in flight"
+        )
+        print(
+            "then alternating rounds: raw batch-1 latency, served latency, raw, stream, unary, "
+            f"batched and unbatched at {args.low_in_flight}"
+        )
+        ports = (free_port(), free_port())
+        servers = [start_worker(args, ports[0], batch), start_worker(args, ports[1], 1)]
+        pids = (servers[0].pid, servers[1].pid)
+        rounds = asyncio.run(measure(args, raw, ports, pids, batch))
     finally:
-        if server is not None:
+        for server in servers:
             server.terminate()
             server.wait(timeout=120)
         raw.close()
@@ -282,6 +309,22 @@ def main() -> int:
     print(f"served at saturation (median): stream {med['stream']:.1f}, unary {med['unary']:.1f}")
     print(f"unary/raw ratio: {med['unary'] / med['raw']:.2f}")
     print(f"served/raw ratio: {max(med['stream'], med['unary']) / med['raw']:.2f}")
+    print(
+        f"served/raw ratio at {args.in_flight} in flight (unary): {med['unary'] / med['raw']:.2f}"
+    )
+    print(
+        f"at {args.low_in_flight} in flight (unary), maxBatchSize {batch} per round: "
+        f"{show(rounds['low_batched'])}; maxBatchSize 1: {show(rounds['low_unbatched'])} frames/s"
+    )
+    print(
+        f"batched/unbatched ratio at {args.low_in_flight} in flight: "
+        f"{med['low_batched'] / med['low_unbatched']:.2f}"
+    )
+    print(
+        f"batched/unbatched ratio per worker CPU-second at {args.low_in_flight} in flight: "
+        f"{med['low_batched_cpu'] / med['low_unbatched_cpu']:.2f} "
+        f"({show(rounds['low_batched_cpu'])} vs {show(rounds['low_unbatched_cpu'])} frames)"
+    )
     print(
         f"frames per CPU-second (median): raw {med['raw_cpu']:.1f}; "
         f"worker alone: stream {med['stream_cpu']:.1f}, unary {med['unary_cpu']:.1f}; "

@@ -26,8 +26,10 @@ ENV PATH=/opt/inferencefleet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
+    USER=inferencefleet \
     INFERENCEFLEET_CRD=/opt/inferencefleet/crds/inferencefleet.yaml
-# Non-root, numeric (the chart sets runAsNonRoot and a read-only root filesystem).
+# Non-root, numeric (the chart sets runAsNonRoot and a read-only root filesystem). The UID
+# has no passwd entry: USER above names it for kopf's peering identity (getpass.getuser()).
 USER 65532:65532
 # The health endpoint (/healthz) for the liveness probe and `helm test`.
 EXPOSE 8080

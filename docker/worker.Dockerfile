@@ -14,6 +14,11 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Optional: install from a directory of wheels (e.g. mounted into the build) instead of
+# downloading them, e.g. --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_NO_INDEX=1.
+# Unset, pip uses its index as usual.
+ARG PIP_FIND_LINKS
+ARG PIP_NO_INDEX
 WORKDIR /src
 RUN python -m venv /opt/inferencefleet
 COPY requirements.lock pyproject.toml README.md ./

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build (or reuse) the pinned test-cluster binaries: etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubectl, kwok, helm, plus kwok's stages, and
-# NVIDIA's config-manager with e2e's advertise (NVIDIA's device-plugin config parser).
+# kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy, e2e's own
+# device plugin (e2e-device-plugin) and pause (e2e-pause), kwok, helm, plus kwok's stages,
+# and NVIDIA's config-manager with e2e's advertise (NVIDIA's device-plugin config parser).
 #
 # Everything goes through the Go module proxy into a cache outside the repo:
 #   ${INFERENCEFLEET_CLUSTER_CACHE:-~/.cache/inferencefleet/cluster}/<key>/bin
@@ -21,8 +22,8 @@ RECIPE=5
 e2e="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=versions.env
 source "$e2e/versions.env"
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm
-          config-manager advertise)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy
+          e2e-device-plugin e2e-pause kwok helm config-manager advertise)
 
 log() { printf '[cluster-build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[cluster-build] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -45,7 +46,7 @@ version_ge "${go_version#go}" "$GO_MIN_VERSION" \
 
 cache_root="${INFERENCEFLEET_CLUSTER_CACHE:-$HOME/.cache/inferencefleet/cluster}"
 key="$( { echo "recipe=$RECIPE go=$go_version"; cat "$e2e/versions.env" \
-          "$e2e"/go/{k8s,kwok,helm,nvidia}/go.{mod,sum} \
+          "$e2e"/go/{k8s,kwok,helm,nvidia}/go.{mod,sum} "$e2e"/go/k8s/*/*.go \
           "$e2e"/go/nvidia/cmd/advertise/*.go; } | sha256sum | cut -c1-16)"
 dir="$cache_root/$key"
 bin="$dir/bin"
@@ -123,7 +124,8 @@ go_build() {
   log "built $label in $((SECONDS - t0)) s"
 }
 
-# --- Kubernetes control plane + kubectl + etcd (one go build: shared packages compile once)
+# --- Kubernetes control plane, node, kubectl, etcd and e2e's device plugin (one go build:
+# shared packages compile once)
 k8s_major=1
 k8s_minor_num="$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
 # buildDate: the release's publication time from the module proxy (reproducible).
@@ -141,9 +143,13 @@ go_build "kubernetes ${KUBERNETES_VERSION} + etcd ${ETCD_VERSION}" "$e2e/go/k8s"
   -trimpath -ldflags "-s -w${kver} -X go.etcd.io/etcd/api/v3/version.GitSHA=${ETCD_VERSION}" \
   -o "$tmp/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl \
+  k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy \
+  go.etcd.io/etcd/server/v3 ./deviceplugin ./pause
 # go names the binary of go.etcd.io/etcd/server/v3 "server".
 mv "$tmp/server" "$tmp/etcd"
+mv "$tmp/deviceplugin" "$tmp/e2e-device-plugin"
+mv "$tmp/pause" "$tmp/e2e-pause"
 
 # --- kwok
 go_build "kwok ${KWOK_VERSION}" "$e2e/go/kwok" \
@@ -179,10 +185,16 @@ chmod -R u+w "$dir/stages.tmp"
 # --- check every binary runs and reports the pinned version
 "$tmp/kube-apiserver" --version | grep -qx "Kubernetes ${KUBERNETES_VERSION}" \
   || die "kube-apiserver --version says '$("$tmp/kube-apiserver" --version)', expected ${KUBERNETES_VERSION}"
+for b in kubelet kube-proxy; do
+  "$tmp/$b" --version | grep -qx "Kubernetes ${KUBERNETES_VERSION}" \
+    || die "$b --version says '$("$tmp/$b" --version)', expected ${KUBERNETES_VERSION}"
+done
 "$tmp/kubectl" version --client -o yaml | grep -q "gitVersion: ${KUBERNETES_VERSION}" \
   || die "kubectl does not report ${KUBERNETES_VERSION}"
-"$tmp/etcd" --version | grep -q "etcd Version: ${ETCD_VERSION#v}" \
-  || die "etcd --version does not report ${ETCD_VERSION}"
+# (Output captured first: grep -q exiting early would SIGPIPE the writer under pipefail.)
+etcd_version="$("$tmp/etcd" --version)"
+grep -q "etcd Version: ${ETCD_VERSION#v}" <<<"$etcd_version" \
+  || die "etcd --version does not report ${ETCD_VERSION}: $etcd_version"
 "$tmp/helm" version --short | grep -q "^${HELM_VERSION}" || die "helm version does not report ${HELM_VERSION}"
 "$tmp/kwok" --version >/dev/null 2>&1 || die "kwok --version failed"
 "$tmp/config-manager" --help >/dev/null 2>&1 || die "config-manager --help failed"

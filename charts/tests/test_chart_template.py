@@ -181,7 +181,7 @@ def test_by_default_only_the_release_namespace_is_watched_through_a_role(render:
     (cluster_role,) = operator_roles(only(docs, "ClusterRole"))
     assert cluster_role["metadata"]["name"] == "inferencefleet-cluster"
     assert grants(cluster_role["rules"]) == {
-        ("", "nodes", verb, "") for verb in ("get", "list", "patch")
+        ("", "nodes", verb, "") for verb in ("list", "watch", "patch")
     }
     cluster_bindings = [b["roleRef"]["name"] for b in only(docs, "ClusterRoleBinding")]
     assert cluster_bindings == ["inferencefleet-cluster"], "fleet rights must not be cluster-wide"
@@ -402,3 +402,24 @@ def test_user_roles_aggregate_into_view_edit_and_admin(render: Render) -> None:
     assert ("inferencefleet.dev", "inferencefleets/scale", "update", "") in edit
     assert not [g for g in edit if g[1] in ("inferencefleets/status", "inferencefleets/finalizers")]
     assert not [d for d in render("--set", "rbac.aggregateToDefaultRoles=false") if is_user_role(d)]
+
+
+def test_the_device_plugin_configmap_is_made_only_when_asked_with_its_default_key(
+    render: Render,
+) -> None:
+    assert only(render(), "ConfigMap") == []
+    made = one(
+        render(
+            "--set",
+            "devicePlugin.createConfigMap=true",
+            "--set",
+            "devicePlugin.configMapName=sharing",
+            "--set",
+            "devicePlugin.namespace=gpu-operator",
+        ),
+        "ConfigMap",
+    )
+    assert (made["metadata"]["name"], made["metadata"]["namespace"]) == ("sharing", "gpu-operator")
+    assert made["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    default = yaml.safe_load(made["data"]["default"])
+    assert default == {"version": "v1", "flags": {"migStrategy": "none"}}  # shares nothing

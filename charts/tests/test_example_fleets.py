@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fleet_spec.spec import load_fleet
+from fleet_local.manifest import read_fleet
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_mps_example_shares_each_gpu_through_mps() -> None:
-    fleet = load_fleet(EXAMPLES / "fleet-mps.yaml")
+    fleet = read_fleet(EXAMPLES / "fleet-mps.yaml")
     assert fleet.name == "detector-mps"
     assert fleet.gpu.sharing == "mps"
     assert fleet.gpu.workers_per_gpu == 4
@@ -19,7 +19,7 @@ def test_mps_example_shares_each_gpu_through_mps() -> None:
 
 
 def test_time_slicing_example_is_the_one_the_journey_uses() -> None:
-    fleet = load_fleet(EXAMPLES / "fleet.yaml")
+    fleet = read_fleet(EXAMPLES / "fleet.yaml")
     assert fleet.name == "detector"
     assert fleet.gpu.product == "NVIDIA-RTX-6000-Ada-Generation"
     assert (fleet.gpu.sharing, fleet.gpu.workers_per_gpu) == ("timeSlicing", 4)

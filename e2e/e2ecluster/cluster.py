@@ -1,7 +1,8 @@
-"""Start, check and stop the test cluster's processes, all on 127.0.0.1.
+"""Start, check and stop the test cluster's processes, all on this machine.
 
 They are etcd, kube-apiserver, controller-manager, scheduler, kwok and one NVIDIA
-device-plugin pod per GPU node (nvidia.py). All state lives in one directory (default
+device-plugin pod per GPU node (nvidia.py), plus (where the machine allows) one real
+node (realnode.py). All state lives in one directory (default
 /dev/shm/inferencefleet-cluster): state.json records every process this module started
 (PID + kernel start time, so a recycled PID is never signalled), next to the kubeconfig,
 keys, logs and etcd's data.
@@ -32,14 +33,18 @@ from typing import Any
 
 import yaml
 
-from . import profile
+from . import profile, realnode
 
 E2E = Path(__file__).resolve().parent.parent
 BUILD_SH = E2E / "build.sh"
 
 DEFAULT_PORT_BASE = 16443
-SERVICE_CIDR = "10.96.0.0/16"
-POD_CIDR = "10.244.0.0/16"  # kwok hands out pod IPs from here; apart from SERVICE_CIDR
+# Addresses come from 198.18.0.0/15 (set aside for benchmark networks), never from a
+# private range: services, the real node's pods (realnode.POD_SUBNET) and kwok's pods.
+SERVICE_CIDR = "198.18.0.0/16"
+POD_CIDR = "198.19.128.0/17"  # kwok hands out pod IPs from here (never dialled)
+KWOK_NODE_IP = "198.19.64.1"
+REAL_NODE_ENV = "INFERENCEFLEET_REAL_NODE"  # 1: required, 0: none, auto (default): if possible
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 # Offsets from the port base. The workers use 8001/8002; the defaults stay far away.
@@ -50,6 +55,10 @@ PORTS = {
     "kube-controller-manager": 3,
     "kube-scheduler": 4,
     "kwok": 5,
+    "kubelet": 6,
+    "kubelet-healthz": 7,
+    "kube-proxy-healthz": 8,
+    "kube-proxy-metrics": 9,
 }
 BINARIES = (
     "etcd",
@@ -57,6 +66,10 @@ BINARIES = (
     "kube-controller-manager",
     "kube-scheduler",
     "kubectl",
+    "kubelet",
+    "kube-proxy",
+    "e2e-device-plugin",
+    "e2e-pause",
     "kwok",
     "helm",
     "config-manager",
@@ -65,6 +78,10 @@ BINARIES = (
 # Stop order: clients first (unlisted ones, such as the device-plugin pods, before all),
 # storage last.
 STOP_ORDER = (
+    "kube-proxy",
+    "gpu-device-plugin",
+    "kubelet",
+    "containerd",
     "kwok",
     "kube-scheduler",
     "kube-controller-manager",
@@ -141,10 +158,16 @@ class State:
     token: str
     processes: list[Proc]
     complete: bool = False
+    real_node: bool = False
+
+    @property
+    def api_host(self) -> str:
+        # With a real node the apiserver listens where its pods reach it.
+        return realnode.NODE_IP if self.real_node else "127.0.0.1"
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.port_base + PORTS['kube-apiserver']}"
+        return f"https://{self.api_host}:{self.port_base + PORTS['kube-apiserver']}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -160,6 +183,7 @@ class State:
             "bin_dir": self.bin_dir,
             "token": self.token,
             "complete": self.complete,
+            "real_node": self.real_node,
             "processes": [p.__dict__ for p in self.processes],
         }
         tmp = self.dir / "state.json.tmp"
@@ -177,6 +201,7 @@ class State:
                 token=str(data["token"]),
                 processes=[Proc(**p) for p in data["processes"]],
                 complete=bool(data.get("complete", False)),
+                real_node=bool(data.get("real_node", False)),
             )
         except FileNotFoundError:
             return None
@@ -456,6 +481,8 @@ def check(state_dir: Path | None = None) -> State:
 
 def _clean(state_dir: Path, state: State | None) -> None:
     if state is not None:
+        if state.real_node:
+            realnode.teardown(state, stop)
         stop(state.processes)
     if state_dir.exists():
         shutil.rmtree(state_dir)
@@ -482,7 +509,11 @@ def write_files(state: State) -> None:
     key, pub = str(d / "pki" / "sa.key"), str(d / "pki" / "sa.pub")
     for args in (["genrsa", "-out", key, "2048"], ["rsa", "-in", key, "-pubout", "-out", pub]):
         subprocess.run(["openssl", *args], check=True, capture_output=True)
-    (d / "pki" / "tokens.csv").write_text(f"{state.token},admin,admin,system:masters\n")
+    tokens = {n: secrets.token_hex(24) for n in ("kubelet", "kube-proxy")}
+    (d / "pki" / "tokens.csv").write_text(
+        f"{state.token},admin,admin,system:masters\n"
+        + (realnode.tokens_csv_lines(tokens) if state.real_node else "")
+    )
     kubeconfig = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -500,6 +531,9 @@ def write_files(state: State) -> None:
     }
     state.kubeconfig.write_text(yaml.safe_dump(kubeconfig))
     state.kubeconfig.chmod(0o600)
+    if state.real_node:
+        ports = {name: state.port_base + off for name, off in PORTS.items()}
+        realnode.write_files(state, ports, tokens)
 
 
 def start_components(state: State, stages_dir: Path) -> None:
@@ -531,8 +565,11 @@ def start_components(state: State, stages_dir: Path) -> None:
         [
             str(b / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{p['etcd']}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={state.api_host}",
+            f"--advertise-address={state.api_host}",
+            "--kubelet-preferred-address-types=InternalIP",
+            # Namespaces can pin their pods to a dedicated node (the real node's tests do).
+            "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction",
             f"--secure-port={p['kube-apiserver']}",
             f"--cert-dir={d / 'pki'}",
             f"--token-auth-file={d / 'pki' / 'tokens.csv'}",
@@ -547,8 +584,10 @@ def start_components(state: State, stages_dir: Path) -> None:
             "--max-mutating-requests-inflight=500",
         ],
     )
-    # The controller-manager needs the serving certificate as its root CA at start.
+    # The controller-manager needs the serving certificate as its root CA at start, and
+    # exits if the apiserver is not healthy soon after (a loaded machine is slower): wait.
     wait_for(state, "the apiserver's self-signed certificate", state.ca_file.exists, 60)
+    wait_for(state, f"kube-apiserver /readyz at {state.server}", lambda: ready(state), 120)
 
     common = [
         f"--kubeconfig={kc}",
@@ -597,12 +636,14 @@ def start_components(state: State, stages_dir: Path) -> None:
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={profile.KWOK_ANNOTATION}={profile.KWOK_ANNOTATION_VALUE}",
             f"--cidr={POD_CIDR}",
-            "--node-ip=10.240.255.254",
+            f"--node-ip={KWOK_NODE_IP}",
             f"--server-address=127.0.0.1:{p['kwok']}",
             *[f"--config={s}" for s in stages],
         ],
     )
     wait_for(state, f"kube-apiserver /readyz at {state.server}", lambda: ready(state), 90)
+    if state.real_node:
+        realnode.start(state, spawn, wait_for, p)
 
 
 def create_objects(state: State, node_profile: Path) -> None:
@@ -632,6 +673,35 @@ def create_objects(state: State, node_profile: Path) -> None:
     wait_for(state, f"{len(nodes)} nodes Ready (kwok)", all_ready, 60)
     nvidia.start_pods(state, nodes)
     wait_for(state, "every GPU node's device plugin", lambda: nvidia.advertising(state, nodes), 120)
+
+
+def want_real_node(state_dir: Path) -> bool:
+    """Whether this cluster gets the machine's real node ($INFERENCEFLEET_REAL_NODE)."""
+    setting = os.environ.get(REAL_NODE_ENV, "auto")
+    if setting not in ("0", "1", "auto"):
+        raise ClusterError(f"{REAL_NODE_ENV}={setting!r}: use 1, 0 or auto")
+    if setting == "0":
+        return False
+    why = realnode.unavailable()
+    if why is None:
+        try:
+            realnode.claim(state_dir, lambda owner: bool((s := State.load(owner)) and not s.dead()))
+        except realnode.RealNodeError as e:
+            why = str(e)
+    if why is None:
+        return True
+    if setting == "1":
+        raise ClusterError(f"{REAL_NODE_ENV}=1 but no real node here: {why}")
+    say(f"no real node ({why}); only kwok nodes")
+    return False
+
+
+def node_ready(state: State, name: str = realnode.NODE_NAME) -> bool:
+    code, text = api_get(state, f"/api/v1/nodes/{name}")
+    if code != 200:
+        return False
+    conditions = json.loads(text).get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 def usage(state: State) -> str:
@@ -689,17 +759,26 @@ def up(
         t0 = time.monotonic()
         state_dir.mkdir(parents=True)
         state = State(state_dir, port_base, str(build_dir / "bin"), secrets.token_hex(24), [])
+        state.real_node = want_real_node(state_dir)
         state.save()
         try:
+            if state.real_node:
+                realnode.make_bridge()
             write_files(state)
             start_components(state, build_dir / "stages")
             create_objects(state, node_profile)
+            if state.real_node:
+                wait_for(
+                    state, f"real node {realnode.NODE_NAME} Ready", lambda: node_ready(state), 120
+                )
             state.complete = True
             state.save()
         except BaseException as e:
             why = "failed" if isinstance(e, ClusterError) else "interrupted"
             say(f"up {why}: stopping what it started")
-            with contextlib.suppress(ClusterError):
+            with contextlib.suppress(ClusterError, realnode.RealNodeError):
+                if state.real_node:
+                    realnode.teardown(state, stop)
                 stop(state.processes)
             raise
         say(f"up in {time.monotonic() - t0:.1f} s")

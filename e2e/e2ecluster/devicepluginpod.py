@@ -165,7 +165,10 @@ class Node:
     def set(self, report: dict[str, Any] | None) -> None:
         with self.lock:
             self.report = report
-        self.sync()
+        try:
+            self.sync()
+        except OSError as e:  # the next resync retries
+            log(f"node: {e}")
 
     def sync(self) -> None:
         with self.lock:
@@ -292,6 +295,8 @@ class Pod:
             proc = self.plugin.start(stdout=subprocess.PIPE)
             assert proc.stdout is not None
             for line in proc.stdout:
+                with (self.plugin.logs / "plugin.log").open("ab") as sink:
+                    sink.write(line)  # as a container's stdout is logged
                 report = json.loads(line)
                 log(f"plugin: {report}")
                 self.node.set(None if "error" in report else report)

@@ -123,8 +123,16 @@ def set_lag(state: State, node: str, seconds: float) -> None:
     (pod_dir(state, node) / "lag").write_text(str(seconds))
 
 
+def serving(state: State, node: str) -> bool:
+    """The node's plugin has reported a config since its pod started."""
+    path = pod_dir(state, node) / "logs" / "plugin.log"
+    return path.exists() and '"replicas":' in path.read_text(errors="replace")
+
+
 def advertising(state: State, nodes: list[dict[str, Any]]) -> bool:
-    """True once every GPU node advertises as many nvidia.com/gpu as it has GPUs."""
+    """True once every GPU node's plugin serves and the node advertises all its GPUs."""
+    if not all(serving(state, n["metadata"]["name"]) for n in gpu_nodes(nodes)):
+        return False
     code, text = api_get(state, "/api/v1/nodes")
     if code != 200:
         return False
@@ -200,8 +208,7 @@ class DevicePlugins:
         return gpus, {k: v for k, v in labels.items() if k.startswith(RESOURCE_GPU + ".")}
 
     def serving(self, node: str) -> bool:
-        """The node's plugin has reported a config since its pod started."""
-        return '"replicas"' in self.log(node, "plugin").replace(" ", "")
+        return serving(self.state, node)
 
     def restore(self) -> list[str]:
         """The saved ConfigMap, and a fresh pod on every node a test touched or left shared.

@@ -105,7 +105,11 @@ def node_manifests(profile: dict[str, Any]) -> list[dict[str, Any]]:
                     "capacity": dict(capacity),
                     "allocatable": dict(capacity),
                     "addresses": [
-                        {"type": "InternalIP", "address": f"10.240.{ip // 250}.{ip % 250 + 1}"},
+                        # Fake, never dialled, out of the private ranges.
+                        {
+                            "type": "InternalIP",
+                            "address": f"198.19.{65 + ip // 250}.{ip % 250 + 1}",
+                        },
                         {"type": "Hostname", "address": name},
                     ],
                 },

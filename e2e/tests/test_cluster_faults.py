@@ -42,6 +42,8 @@ def cli(state_dir: Path, *args: str, build: Path | None = None) -> subprocess.Co
         **os.environ,
         "INFERENCEFLEET_CLUSTER_DIR": str(state_dir),
         "INFERENCEFLEET_CLUSTER_PORT_BASE": str(PORT_BASE),
+        # The machine's one real node belongs to the session's cluster, never to these.
+        "INFERENCEFLEET_REAL_NODE": "0",
     }
     if build is not None:
         env["INFERENCEFLEET_CLUSTER_BUILD_DIR"] = str(build)

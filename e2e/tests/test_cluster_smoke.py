@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from e2ecluster import nvidia
+from e2ecluster.cluster import POD_CIDR
 from e2ecluster.handle import Cluster, pinned_versions, wait_until
 from e2ecluster.nvidia import CONFIG_NAME, CONFIG_NAMESPACE, LABEL_CONFIG
 
@@ -116,7 +118,7 @@ def test_gpu_deployment_on_rtx_6000_ada_becomes_available(cluster: Cluster, name
     for pod in placed:
         assert pod["spec"]["nodeName"].startswith("rtx6000ada-")
         assert pod["status"]["phase"] == "Running"
-        assert pod["status"]["podIP"].startswith("10.244.")
+        assert ipaddress.ip_address(pod["status"]["podIP"]) in ipaddress.ip_network(POD_CIDR)
 
 
 def test_asking_for_more_gpus_than_exist_stays_pending(cluster: Cluster, namespace: str) -> None:

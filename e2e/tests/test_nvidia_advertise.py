@@ -68,7 +68,7 @@ def test_rename_by_default_advertises_the_shared_resource(advertise: Path, tmp_p
 
 def test_rename_and_devices_per_resource_are_ignored(advertise: Path, tmp_path: Path) -> None:
     config = sharing("timeSlicing", 2)
-    config["sharing"]["timeSlicing"]["resources"][0] |= {"rename": "x.com/gpu", "devices": 1}
+    config["sharing"]["timeSlicing"]["resources"][0] |= {"rename": "gpu-shared", "devices": 1}
     code, out = run(advertise, tmp_path, config)
     assert code == 0
     assert (out["resource"], out["replicas"]) == ("nvidia.com/gpu", 2)

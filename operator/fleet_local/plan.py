@@ -41,6 +41,7 @@ class Options:
     image_size: int | None = None
     grace_period_s: float = 5.0
     python: str = sys.executable
+    watch_interval_s: float | None = None  # how often a worker polls its batching file
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ def worker_settings(
         image_size=options.image_size or WorkerSettings.image_size,
         batching_config=batching_file,
         grace_period_s=options.grace_period_s,
+        watch_interval_s=options.watch_interval_s or WorkerSettings.watch_interval_s,
     )
 
 

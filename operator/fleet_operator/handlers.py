@@ -1,34 +1,149 @@
-"""Every kopf handler of the operator: thin guards around fleet_operator.reconcile."""
+"""Every kopf handler of the operator: the watches it reads from, and thin guards around a pass.
+
+The indexes below are the operator's one view of the cluster: kopf keeps them from its
+watches, so a pass reads nodes, children and pods from memory instead of listing them per
+fleet. A pass takes its Observations in the event loop (where the indexes change), then
+decides and acts in a thread (the Kubernetes client blocks).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
-from fleet_spec.spec import GROUP, PLURAL, VERSION, FleetSpecError
-from kubernetes.client.exceptions import ApiException
 
-from fleet_operator import apply, reconcile
-from fleet_operator.names import FLEET_LABEL, MANAGED_BY, MANAGED_BY_VALUE
+from fleet_operator.kube import ApiError
+from fleet_operator.names import (
+    FLEET_LABEL,
+    GROUP,
+    MANAGED_BY,
+    MANAGED_BY_VALUE,
+    PLURAL,
+    VERSION,
+    batching_configmap_name,
+    fleet_id,
+)
+from fleet_operator.observe import Observations, pod_fleet, trim_child, trim_node, trim_pod
+from fleet_operator.reconcile import Reconciler, Retry, SpecInvalid
 
-RESYNC_SECONDS = 30.0  # the timer that re-reads nodes and pods, whatever else happens
-RETRY_SECONDS = 10
+RESYNC_SECONDS = 30.0  # the timer that looks again, whatever else happens
+
+log = logging.getLogger(__name__)
+_pass_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
 
-def _config(memo: kopf.Memo) -> reconcile.OperatorConfig:
-    cfg: reconcile.OperatorConfig = memo.config
-    return cfg
+# --- what the operator watches -----------------------------------------------------------
 
 
-def _run(body: kopf.Body, memo: kopf.Memo) -> None:
+@kopf.index(GROUP, VERSION, PLURAL)
+def fleets_by_name(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str | None, str], Any]:
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index("", "v1", "nodes")
+def all_nodes(body: kopf.Body, **_: Any) -> dict[None, dict[str, Any]]:
+    return {None: trim_node(body)}
+
+
+@kopf.index("apps", "v1", "deployments")
+def deployments_by_name(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): _child(body)}
+
+
+@kopf.index("", "v1", "services")
+def services_by_name(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): _child(body)}
+
+
+@kopf.index("", "v1", "configmaps")
+def configmaps_by_name(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): _child(body)}
+
+
+@kopf.index("policy", "v1", "poddisruptionbudgets")
+def pdbs_by_name(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): _child(body)}
+
+
+@kopf.index("", "v1", "pods", labels={FLEET_LABEL: kopf.PRESENT})
+def pods_by_fleet(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, pod_fleet(body)): trim_pod(body)}
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a watched object that stays as it is while the watch moves on."""
+    plain: dict[str, Any] = copy.deepcopy(dict(body))
+    return plain
+
+
+def _child(body: Mapping[str, Any]) -> dict[str, Any]:
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    return trim_child(dict(body), ours=labels.get(MANAGED_BY) == MANAGED_BY_VALUE)
+
+
+def _one(index: Any, key: Any) -> Any:
+    store = index.get(key) if key in index else None
+    return next(iter(store), None) if store else None
+
+
+def _observe(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, Any]) -> Observations:
+    """The fleet's Observations, from the indexes as they are now (call in the event loop)."""
+    namespace, name = fleet["metadata"]["namespace"], fleet["metadata"]["name"]
+    children: dict[tuple[str, str], Any] = {}
+    for kind, index, child in (
+        ("Deployment", "deployments_by_name", name),
+        ("Service", "services_by_name", name),
+        ("PodDisruptionBudget", "pdbs_by_name", name),
+        ("ConfigMap", "configmaps_by_name", batching_configmap_name(name)),
+    ):
+        found = _one(indexes[index], (namespace, child))
+        if found is not None:
+            children[(kind, child)] = found
+    nodes = indexes["all_nodes"]
+    pods = indexes["pods_by_fleet"]
+    return Observations(
+        fleet=fleet,
+        nodes=list(nodes[None]) if None in nodes else [],
+        children=children,
+        pods=list(pods[(namespace, name)]) if (namespace, name) in pods else [],
+        other_pods=[pod for key in pods if key != (namespace, name) for pod in pods[key]],
+        fleets=frozenset(fleet_id(ns, n) for ns, n in indexes["fleets_by_name"]),
+        watched=memo.watched,
+    )
+
+
+async def _pass(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, Any]) -> None:
+    """One reconcile pass of a fleet: observe here, decide and act in a thread."""
+    reconciler: Reconciler = memo.reconciler
+    key = fleet_id(fleet["metadata"]["namespace"], fleet["metadata"]["name"])
+    async with _pass_locks[key]:
+        observations = _observe(fleet, memo, indexes)
+        await asyncio.to_thread(reconciler.reconcile, observations)
+
+
+async def _guarded(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, Any]) -> None:
+    """A pass whose failures kopf retries: later each time for the same failure."""
+    reconciler: Reconciler = memo.reconciler
     try:
-        reconcile.reconcile(body, _config(memo))
-    except FleetSpecError as error:
+        await _pass(fleet, memo, indexes)
+    except SpecInvalid as error:
         raise kopf.PermanentError(str(error)) from error
-    except ApiException as error:
-        raise kopf.TemporaryError(
-            f"API {error.status} {error.reason}", delay=RETRY_SECONDS
-        ) from error
+    except Retry as error:
+        raise kopf.TemporaryError(str(error), delay=1) from error
+    except ApiError as error:
+        if error.will_not_heal:  # invalid or forbidden: the timer tries again, backing off
+            raise kopf.PermanentError(str(error)) from error
+        raise kopf.TemporaryError(str(error), delay=reconciler.backoff_seconds(fleet)) from error
+
+
+# --- the fleet's own lifecycle -------------------------------------------------------------
 
 
 @kopf.on.login()
@@ -42,35 +157,82 @@ def peering(memo: kopf.Memo, **_: Any) -> None:
     """Make sure the peering object exists, so that operator replicas see each other."""
     if memo.peering_name:
         for namespace in memo.peering_namespaces:
-            apply.ensure_peering(memo.peering_name, namespace)
+            memo.kube.ensure_peering(memo.peering_name, namespace)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def fleet_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _run(body, memo)
+async def fleet_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _guarded(_plain(body), memo, kwargs)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Level-based: nodes appear, GPUs free up, someone edits a child: apply again."""
-    _run(body, memo)
+async def resync(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Level-based: nodes appear, GPUs free up, someone edits a child: look again."""
+    fleet = _plain(body)
+    if memo.reconciler.backing_off(fleet) > 0:
+        return
+    await _guarded(fleet, memo, kwargs)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def fleet_deleted(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+async def fleet_deleted(
+    body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
+) -> None:
     """Give the fleet's nodes back (the finalizer waits for this); children go by owner GC."""
-    released = reconcile.release(body, _config(memo))
+    fleet = _plain(body)
+    reconciler: Reconciler = memo.reconciler
+    key = fleet_id(fleet["metadata"]["namespace"], fleet["metadata"]["name"])
+    try:
+        async with _pass_locks[key]:
+            observations = _observe(fleet, memo, kwargs)
+            released = await asyncio.to_thread(reconciler.release, observations)
+    except Retry as error:
+        raise kopf.TemporaryError(str(error), delay=1) from error
+    except ApiError as error:
+        raise kopf.TemporaryError(str(error), delay=10) from error
+    _pass_locks.pop(key, None)
     logger.info("released nodes: %s", ", ".join(released) or "none")
 
 
+# --- children that move: look again at once, not at the next timer -------------------------
+
+
+async def _child_moved(
+    labels: Mapping[str, str], namespace: str | None, memo: kopf.Memo, indexes: Mapping[str, Any]
+) -> None:
+    name = labels.get(FLEET_LABEL)
+    if not name or not namespace or labels.get(MANAGED_BY) != MANAGED_BY_VALUE:
+        return
+    fleet = _one(indexes["fleets_by_name"], (namespace, name))
+    if fleet is None or fleet["metadata"].get("deletionTimestamp"):
+        return
+    if memo.reconciler.backing_off(fleet) > 0:
+        return
+    try:
+        await _pass(fleet, memo, indexes)
+    except (Retry, SpecInvalid, ApiError) as error:  # the fleet's own handlers retry these
+        log.info("fleet %s/%s: %s", namespace, name, error)
+
+
 @kopf.on.event("apps", "v1", "deployments", labels={MANAGED_BY: MANAGED_BY_VALUE})
-def deployment_changed(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-    """A worker Deployment moved: refresh its fleet's status now, not at the next timer."""
-    fleet = labels.get(FLEET_LABEL)
-    if fleet and namespace:
-        reconcile.refresh_status(namespace, fleet)
+async def deployment_moved(
+    labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """A worker Deployment changed or was deleted: status and children, now."""
+    await _child_moved(labels, namespace, memo, kwargs)
+
+
+@kopf.on.event("", "v1", "services", labels={MANAGED_BY: MANAGED_BY_VALUE})
+@kopf.on.event("", "v1", "configmaps", labels={MANAGED_BY: MANAGED_BY_VALUE})
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels={MANAGED_BY: MANAGED_BY_VALUE})
+async def child_deleted(
+    event: kopf.RawEvent, labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """A child was deleted (by hand, say): make it again now, not at the next timer."""
+    if event["type"] == "DELETED":
+        await _child_moved(labels, namespace, memo, kwargs)
 
 
 @kopf.on.probe(id="fleets")

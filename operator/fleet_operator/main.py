@@ -10,8 +10,9 @@ import sys
 import kopf
 from fleet_spec.spec import GROUP
 
-from fleet_operator import apply
-from fleet_operator.reconcile import DEFAULT_WORKER_IMAGE, OperatorConfig
+from fleet_operator.decide import Settings
+from fleet_operator.kube import ConfigMapRef, KubeApi, connect
+from fleet_operator.reconcile import DEFAULT_WORKER_IMAGE, Reconciler
 
 DEFAULT_PEERING = "inferencefleet"
 
@@ -117,18 +118,18 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    apply.connect()
+    kube = KubeApi(connect())
     import fleet_operator.handlers  # noqa: F401  (registers the handlers)
 
     peering_name = None if args.standalone else args.peering
     memo = kopf.Memo(
-        config=OperatorConfig(
-            device_plugin=apply.DevicePluginConfig(
-                args.device_plugin_configmap, args.device_plugin_namespace
-            ),
-            worker_image=args.worker_image,
-            namespaces=None if args.all_namespaces else tuple(args.namespace),
+        kube=kube,
+        reconciler=Reconciler(
+            kube,
+            Settings(worker_image=args.worker_image),
+            ConfigMapRef(args.device_plugin_configmap, args.device_plugin_namespace),
         ),
+        watched=None if args.all_namespaces else tuple(args.namespace),
         peering_name=peering_name,
         peering_namespaces=[None] if args.all_namespaces else list(args.namespace),
     )

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleet_spec.spec import API_VERSION, GROUP, KIND
+# The fleet's API coordinates, re-exported for the modules that know dicts only.
+from fleet_spec.spec import API_VERSION as API_VERSION
+from fleet_spec.spec import GROUP as GROUP
+from fleet_spec.spec import KIND as KIND
+from fleet_spec.spec import PLURAL as PLURAL
+from fleet_spec.spec import VERSION as VERSION
 
 FIELD_MANAGER = "inferencefleet-operator"
-FINALIZER = f"{GROUP}/release-gpu-nodes"
 
 # Worker pods and every child object carry these; FLEET_LABEL selects a fleet's pods.
 FLEET_LABEL = f"{GROUP}/fleet"

@@ -1,200 +1,230 @@
-"""One reconcile of a fleet (parse → hold GPU nodes → render → apply → status), and release."""
+"""A reconcile pass carried out: decide from observations, act through a Kube, report failures.
+
+Handlers (handlers.py) observe from kopf's indexes and hand the Observations here. A pass
+holds its fleet's lock while it decides and acts; a failed pass backs off, longer each time,
+and its fleet's status and events say what the apiserver answered.
+"""
 
 from __future__ import annotations
 
 import datetime
-import functools
 import logging
 import threading
-from collections import defaultdict
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from fleet_spec.spec import FleetSpec, FleetSpecError, parse_fleet
-
-from fleet_operator import apply
-from fleet_operator.names import DEVICE_PLUGIN_LABEL, fleet_id
-from fleet_operator.render import Owner, render_children
-from fleet_operator.sharing import (
-    ClaimPlan,
-    NodeView,
-    claim_patch,
-    device_plugin_config,
-    plan_claims,
-    release_patch,
-)
-from fleet_operator.status import Observed, compute_status, condition_events, invalid_status
+from fleet_operator.decide import Decision, Settings, decide, decide_release
+from fleet_operator.kube import ApiError, ConfigMapRef, Kube
+from fleet_operator.names import fleet_id
+from fleet_operator.observe import Observations, trim_node
+from fleet_operator.status import failed_status
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKER_IMAGE = "ghcr.io/inferencefleet/worker:0.1.0"
+FIRST_BACKOFF = 5.0  # seconds after a first failure; doubles with each failure in a row
+MAX_BACKOFF = 600.0
 
 
-@dataclass(frozen=True)
-class OperatorConfig:
-    """What the command line decides for every fleet."""
-
-    device_plugin: apply.DevicePluginConfig = field(default_factory=apply.DevicePluginConfig)
-    worker_image: str = DEFAULT_WORKER_IMAGE
-    namespaces: tuple[str, ...] | None = None  # watched namespaces; None: all of them
-
-    def watches(self, namespace: str) -> bool:
-        return self.namespaces is None or namespace in self.namespaces
+def _version(node: Mapping[str, Any]) -> int:
+    """A node's resourceVersion as a number (etcd's revision; 0 if it is not one)."""
+    try:
+        return int(node["metadata"].get("resourceVersion", "0"))
+    except ValueError:
+        return 0
 
 
-# Handlers run in threads: one fleet is reconciled by one of them at a time.
-_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-_pending: set[str] = set()  # fleets with a status refresh waiting for their lock
-_pending_lock = threading.Lock()
+class Retry(Exception):
+    """A write met an object that changed under it: decide again from a fresh look."""
 
 
-def _now() -> str:
+class SpecInvalid(Exception):
+    """The fleet's spec cannot work; its status says why."""
+
+
+def now_text() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _hold_nodes(
-    spec: FleetSpec, plan: ClaimPlan, cfg: OperatorConfig, fleet: dict[str, Any]
-) -> bool:
-    """Write the plan's claims and releases to the nodes; True if any node changed."""
-    me = fleet_id(spec.namespace, spec.name)
-    config = device_plugin_config(spec.gpu)
-    if config is not None and plan.hold:  # the profile must exist before a node selects it
-        apply.set_device_plugin_profile(cfg.device_plugin, plan.profile, config)
-    claimed = [
-        name
-        for name in plan.claim
-        if apply.patch_node(name, lambda node: claim_patch(node, me, plan.profile, spec.gpu.shared))
-    ]
-    released = [
-        name for name in plan.release if apply.patch_node(name, lambda n: release_patch(n, me))
-    ]
-    if claimed:
-        apply.post_event(
-            fleet,
-            "Normal",
-            "NodesClaimed",
-            f"holds {', '.join(claimed)} with GPU profile {plan.profile}",
-        )
-    if released:
-        apply.post_event(fleet, "Normal", "NodesReleased", f"gave back {', '.join(released)}")
-        _forget_unused_profiles(cfg)
-    return bool(claimed or released)
+def api_reason(error: ApiError) -> str:
+    """The condition reason for an API refusal: Forbidden and Invalid will not heal by waiting."""
+    if error.status == 403:
+        return "Forbidden"
+    if error.status in (400, 422):
+        return "Invalid"
+    return "APIError"
 
 
-def _forget_unused_profiles(cfg: OperatorConfig) -> None:
-    """Remove device plugin configs that this operator wrote and no node selects any more."""
-    in_use = {n.labels.get(DEVICE_PLUGIN_LABEL) for n in apply.list_nodes()}
-    for key in apply.get_device_plugin_keys(cfg.device_plugin):
-        if key.startswith(("timeslicing-", "mps-")) and key not in in_use:
-            apply.set_device_plugin_profile(cfg.device_plugin, key, None)
-
-
-def _drop_stale_claims(plan: ClaimPlan, cfg: OperatorConfig) -> bool:
-    """Claims of fleets that no longer exist (deleted while no operator ran) block nobody."""
-    dropped = False
-    for conflict in plan.conflicts:
-        for holder in conflict.fleets:
-            namespace, _, name = holder.partition("/")
-            if cfg.watches(namespace) and apply.get_fleet(namespace, name) is None:
-                log.info("dropping the claim of deleted fleet %s on %s", holder, conflict.node)
-                apply.patch_node(conflict.node, functools.partial(release_patch, me=holder))
-                dropped = True
-    if dropped:
-        _forget_unused_profiles(cfg)
-    return dropped
-
-
-def reconcile(fleet: Mapping[str, Any], cfg: OperatorConfig) -> None:
-    """Bring the cluster to what the fleet declares, then write its status. Idempotent."""
-    meta = fleet["metadata"]
-    with _locks[fleet_id(meta["namespace"], meta["name"])]:
+def act(
+    decision: Decision,
+    fleet: Mapping[str, Any],
+    kube: Kube,
+    where: ConfigMapRef,
+    wrote_node: Callable[[Mapping[str, Any]], None] = lambda node: None,
+) -> None:
+    """Write a decision: profiles a node may select, nodes, unused profiles, children, status,
+    events. Idempotent; a write that meets a changed object raises Retry. Each node as the
+    apiserver returned it goes to `wrote_node`."""
+    if decision.profiles_to_write:
+        kube.patch_configmap_data(where, dict(decision.profiles_to_write))
+    for name, patch in decision.node_patches:
         try:
-            spec = parse_fleet(fleet)
-        except FleetSpecError as error:
-            _report_invalid(dict(fleet), str(error))
+            wrote_node(kube.patch_node(name, patch))
+        except ApiError as error:
+            if error.conflict:
+                raise Retry(f"node {name} changed while this pass decided") from error
             raise
-        plan = plan_claims(spec, apply.list_nodes())
-        if plan.conflicts and _drop_stale_claims(plan, cfg):
-            plan = plan_claims(spec, apply.list_nodes())
-        if _hold_nodes(spec, plan, cfg, dict(fleet)):
-            plan = plan_claims(spec, apply.list_nodes())  # what the nodes now say
-        owner = Owner(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation", 1)))
-        for manifest in render_children(
-            spec,
-            owner,
-            replicas=plan.desired_replicas,
-            profile=plan.profile,
-            default_image=cfg.worker_image,
-        ):
-            apply.apply(manifest)
-        _refresh(meta["namespace"], meta["name"])
-
-
-def refresh_status(namespace: str, name: str) -> None:
-    """Recompute the fleet's status from what the cluster shows now.
-
-    Deployment events come in bursts: one refresh waiting for the fleet's lock covers them
-    all (it reads the cluster when it runs), so the others return at once."""
-    key = fleet_id(namespace, name)
-    with _pending_lock:
-        if key in _pending:
-            return
-        _pending.add(key)
-    with _locks[key]:
-        with _pending_lock:
-            _pending.discard(key)
-        _refresh(namespace, name)
-
-
-def _refresh(namespace: str, name: str) -> None:
-    fleet = apply.get_fleet(namespace, name)
-    if fleet is None or fleet["metadata"].get("deletionTimestamp"):
-        return
-    try:
-        spec = parse_fleet(fleet)
-    except FleetSpecError:
-        return  # reconcile reports it
-    previous: dict[str, Any] = fleet.get("status") or {}
-    observed = Observed(
-        generation=int(fleet["metadata"].get("generation", 1)),
-        deployment=apply.get_deployment(namespace, name),
-        pods=apply.list_worker_pods(namespace, name),
-        plan=plan_claims(spec, apply.list_nodes()),
-    )
-    status = compute_status(spec, observed, previous, _now())
-    if status != previous:
-        apply.patch_fleet_status(namespace, name, status)
-    for kind, reason, message in condition_events(
-        previous.get("conditions") or [], status["conditions"]
-    ):
-        apply.post_event(fleet, kind, reason, message)
-
-
-def _report_invalid(fleet: dict[str, Any], message: str) -> None:
+    if decision.profiles_to_drop:
+        kube.patch_configmap_data(where, dict.fromkeys(decision.profiles_to_drop))
+    for child in decision.children:
+        try:
+            kube.apply(child.manifest, force=child.force)
+        except ApiError as error:
+            if error.conflict and not child.force:
+                meta = child.manifest["metadata"]
+                raise Retry(
+                    f"{child.manifest['kind']} {meta['namespace']}/{meta['name']} appeared "
+                    f"and is not this fleet's: {error.message}"
+                ) from error
+            raise
     meta = fleet["metadata"]
-    previous: dict[str, Any] = fleet.get("status") or {}
-    status = invalid_status(message, int(meta.get("generation", 1)), previous, _now())
-    apply.patch_fleet_status(meta["namespace"], meta["name"], status)
-    for kind, reason, text in condition_events(
-        previous.get("conditions") or [], status["conditions"]
-    ):
-        apply.post_event(fleet, "Warning" if kind == "Normal" else kind, reason, text)
+    if decision.status is not None:
+        kube.patch_fleet_status(meta["namespace"], meta["name"], decision.status)
+    for event in decision.events:
+        kube.post_event(fleet, event.kind, event.reason, event.message)
 
 
-def release(fleet: Mapping[str, Any], cfg: OperatorConfig) -> list[str]:
-    """Give back every node the fleet holds (it is being deleted); return their names."""
-    meta = fleet["metadata"]
-    me = fleet_id(meta["namespace"], meta["name"])
-    with _locks[me]:
-        held: list[NodeView] = [n for n in apply.list_nodes() if me in n.claims]
-        released = [
-            n.name for n in held if apply.patch_node(n.name, lambda v: release_patch(v, me))
-        ]
-        if released:
-            _forget_unused_profiles(cfg)
-            apply.post_event(
-                dict(fleet), "Normal", "NodesReleased", f"gave back {', '.join(released)}"
+@dataclass(frozen=True)
+class _Failures:
+    count: int
+    not_before: float  # time.monotonic()
+    generation: int
+
+
+class Reconciler:
+    """Runs passes for every fleet: one at a time per fleet, with a backoff after failures."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: Settings,
+        device_plugin: ConfigMapRef,
+        clock: Callable[[], str] = now_text,
+    ) -> None:
+        self.kube, self.settings, self.device_plugin, self.clock = (
+            kube,
+            settings,
+            device_plugin,
+            clock,
+        )
+        # One pass at a time, for every fleet: fleets claim the same nodes, and each pass
+        # must see the claims the one before it wrote.
+        self._lock = threading.Lock()
+        # Nodes as this operator last wrote them, until the watch delivers that version.
+        self._nodes: dict[str, Mapping[str, Any]] = {}
+        self._failures: dict[str, _Failures] = {}
+        # The status last written, by fleet uid: only this operator writes it, so it is the
+        # current one even when the watch has not delivered it yet.
+        self._written: dict[str, Mapping[str, Any]] = {}
+
+    def _wrote_node(self, node: Mapping[str, Any]) -> None:
+        self._nodes[node["metadata"]["name"]] = trim_node(node)
+
+    def _current_nodes(self, observed: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The observed nodes, each replaced by the one this operator wrote if that is newer."""
+        current = []
+        for node in observed:
+            name = node["metadata"]["name"]
+            written = self._nodes.get(name)
+            if written is not None and _version(written) > _version(node):
+                current.append(written)
+            else:
+                self._nodes.pop(name, None)  # the watch has caught up (or someone wrote later)
+                current.append(node)
+        return current
+
+    def _with_written_status(self, fleet: Mapping[str, Any]) -> Mapping[str, Any]:
+        written = self._written.get(fleet["metadata"].get("uid", ""))
+        return fleet if written is None else {**fleet, "status": written}
+
+    def backing_off(self, fleet: Mapping[str, Any]) -> float:
+        """Seconds left before a fleet that failed may be tried again (0: go ahead). A new
+        generation of the spec is tried at once."""
+        meta = fleet["metadata"]
+        failures = self._failures.get(fleet_id(meta["namespace"], meta["name"]))
+        if failures is None or failures.generation != int(meta.get("generation", 1)):
+            return 0.0
+        return max(0.0, failures.not_before - time.monotonic())
+
+    def reconcile(self, obs: Observations) -> Decision:
+        """Decide and act for one fleet. Raises SpecInvalid, Retry or ApiError (reported)."""
+        meta = obs.fleet["metadata"]
+        key = fleet_id(meta["namespace"], meta["name"])
+        with self._lock:
+            try:
+                obs = replace(
+                    obs,
+                    fleet=self._with_written_status(obs.fleet),
+                    nodes=self._current_nodes(obs.nodes),
+                    device_plugin=self.kube.configmap_data(self.device_plugin),
+                )
+                decision = decide(obs, self.settings, self.clock())
+                act(decision, obs.fleet, self.kube, self.device_plugin, self._wrote_node)
+                if decision.status is not None:
+                    self._written[meta.get("uid", "")] = decision.status
+            except ApiError as error:
+                self._failed(obs.fleet, error)
+                raise
+            if decision.invalid is not None:
+                raise SpecInvalid(decision.invalid)
+            self._failures.pop(key, None)
+            return decision
+
+    def release(self, obs: Observations) -> list[str]:
+        """The fleet is being deleted: give its nodes back; return their names."""
+        meta = obs.fleet["metadata"]
+        key = fleet_id(meta["namespace"], meta["name"])
+        with self._lock:
+            obs = replace(
+                obs,
+                nodes=self._current_nodes(obs.nodes),
+                device_plugin=self.kube.configmap_data(self.device_plugin),
             )
-    _locks.pop(me, None)
-    return released
+            decision = decide_release(obs)
+            act(decision, obs.fleet, self.kube, self.device_plugin, self._wrote_node)
+        self._failures.pop(key, None)
+        self._written.pop(meta.get("uid", ""), None)
+        return [name for name, _ in decision.node_patches]
+
+    def _failed(self, fleet: Mapping[str, Any], error: ApiError) -> None:
+        """Remember the failure (for the backoff) and say what the apiserver answered: in the
+        log, in an Event and in the Ready condition (unless the status write itself failed)."""
+        meta = fleet["metadata"]
+        key = fleet_id(meta["namespace"], meta["name"])
+        generation = int(meta.get("generation", 1))
+        before = self._failures.get(key)
+        count = before.count + 1 if before and before.generation == generation else 1
+        delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (count - 1))
+        self._failures[key] = _Failures(count, time.monotonic() + delay, generation)
+        reason = api_reason(error)
+        log.error(
+            "fleet %s: %s (failure %d in a row; next try in %.0f s)", key, error, count, delay
+        )
+        self.kube.post_event(fleet, "Warning", reason, str(error))
+        if "status" in error.action:
+            return
+        previous: Mapping[str, Any] = self._with_written_status(fleet).get("status") or {}
+        status = failed_status(reason, str(error), generation, previous, self.clock())
+        try:
+            self.kube.patch_fleet_status(meta["namespace"], meta["name"], status)
+            self._written[meta.get("uid", "")] = status
+        except ApiError as also:
+            log.error("fleet %s: could not report the failure in status: %s", key, also)
+
+    def backoff_seconds(self, fleet: Mapping[str, Any]) -> float:
+        """The delay a handler should ask kopf for after this fleet's latest failure."""
+        meta = fleet["metadata"]
+        failures = self._failures.get(fleet_id(meta["namespace"], meta["name"]))
+        return min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (failures.count - 1)) if failures else 1.0

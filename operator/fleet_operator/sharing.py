@@ -9,8 +9,8 @@ held under another profile is never relabelled: it is reported as a conflict.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -30,6 +30,19 @@ from fleet_operator.names import (
 )
 
 EXCLUSIVE = "exclusive"
+# The device plugin key that shares nothing: config-manager's `named` fallback selects it on
+# every node without the config label, so a GPU no fleet shares stays unshared.
+DEFAULT_KEY = "default"
+NO_SHARING_CONFIG = "version: v1\nflags:\n  migStrategy: none\n"
+# Taints Kubernetes itself puts on a node: new pods stay away, but a held node is kept.
+SYSTEM_TAINT_PREFIX = "node.kubernetes.io/"
+# What the device plugin and feature discovery say a node runs (the profile as applied).
+REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+STRATEGY_LABEL = "nvidia.com/gpu.sharing-strategy"
+_STRATEGY_VALUE = {"timeSlicing": "time-slicing", "mps": "mps"}
+# GPU feature discovery's MIG labels, and NVIDIA's MIG manager's.
+MIG_STRATEGY_LABEL = "nvidia.com/mig.strategy"
+MIG_CONFIG_LABEL = "nvidia.com/mig.config"
 _STRATEGY = {"timeSlicing": ("timeslicing", "timeSlicing"), "mps": ("mps", "mps")}
 
 
@@ -65,7 +78,7 @@ def product_values(product: str) -> list[str]:
 
 @dataclass(frozen=True)
 class NodeView:
-    """What placement needs to know about one node."""
+    """What claiming a node needs to know about it."""
 
     name: str
     labels: Mapping[str, str]
@@ -75,6 +88,7 @@ class NodeView:
     unschedulable: bool = False
     taints: tuple[Mapping[str, Any], ...] = ()
     resource_version: str = ""
+    allocatable: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def product(self) -> str | None:
@@ -93,6 +107,17 @@ class NodeView:
 
     def host(self) -> GpuHost:
         return GpuHost(self.name, self.gpus, self.memory_mib)
+
+    @property
+    def mig(self) -> str | None:
+        """How the node's GPUs are partitioned by MIG (the label that says so), or None."""
+        strategy = self.labels.get(MIG_STRATEGY_LABEL, "none")
+        if strategy not in ("", "none"):
+            return f"{MIG_STRATEGY_LABEL}={strategy}"
+        config = self.labels.get(MIG_CONFIG_LABEL, "all-disabled")
+        if config not in ("", "all-disabled"):
+            return f"{MIG_CONFIG_LABEL}={config}"
+        return None
 
 
 def _int(value: Any) -> int | None:
@@ -120,7 +145,31 @@ def node_view(node: Mapping[str, Any]) -> NodeView:
         unschedulable=bool(spec.get("unschedulable", False)),
         taints=tuple(spec.get("taints") or ()),
         resource_version=str(meta.get("resourceVersion", "")),
+        allocatable=dict((node.get("status") or {}).get("allocatable") or {}),
     )
+
+
+def not_advertised(gpu: GpuSpec, node: NodeView) -> str | None:
+    """Why the node does not (yet) advertise the profile, or None once it does: the device
+    plugin's allocatable GPUs (plain or renamed .shared) are GPUs x replicas, and feature
+    discovery's replicas and sharing-strategy labels say the same."""
+    replicas = gpu.workers_per_gpu if gpu.shared else 1
+    strategy = _STRATEGY_VALUE.get(gpu.sharing, "none") if gpu.shared else "none"
+    slots = {
+        name: value
+        for name in (GPU_RESOURCE, GPU_RESOURCE + ".shared")
+        if (value := node.allocatable.get(name)) is not None
+    }
+    advertised = {
+        REPLICAS_LABEL: node.labels.get(REPLICAS_LABEL, "1" if not gpu.shared else "?"),
+        STRATEGY_LABEL: node.labels.get(STRATEGY_LABEL, "none" if not gpu.shared else "?"),
+    }
+    wanted = {REPLICAS_LABEL: str(replicas), STRATEGY_LABEL: strategy}
+    if str(node.gpus * replicas) not in slots.values():
+        got = ", ".join(f"{k}={v}" for k, v in sorted(slots.items())) or f"no {GPU_RESOURCE}"
+        return f"advertises {got}, not {node.gpus * replicas} slots"
+    wrong = [f"{k}={advertised[k]}" for k in sorted(wanted) if advertised[k] != wanted[k]]
+    return f"advertises {', '.join(wrong)}" if wrong else None
 
 
 def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]]) -> bool:
@@ -141,8 +190,10 @@ def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 
 
-def matches(spec: FleetSpec, node: NodeView) -> bool:
-    """Could the fleet's pods run here: the GPU product, the extra node selector, the taints."""
+def matches(spec: FleetSpec, node: NodeView, held: bool = False) -> bool:
+    """Could the fleet's pods run here: the GPU product, the extra node selector, the taints.
+    A node the fleet holds keeps matching under Kubernetes' own taints (cordon, not-ready,
+    pressure): its pods may still run there, and new ones stay away by the taint itself."""
     if node.gpus <= 0:
         return False
     if spec.gpu.product is not None and node.product != spec.gpu.product:
@@ -154,6 +205,7 @@ def matches(spec: FleetSpec, node: NodeView) -> bool:
         _tolerated(taint, tolerations)
         for taint in node.taints
         if taint.get("effect") in ("NoSchedule", "NoExecute")
+        and not (held and str(taint.get("key", "")).startswith(SYSTEM_TAINT_PREFIX))
     )
 
 
@@ -180,6 +232,15 @@ class ClaimPlan:
     release: tuple[str, ...]  # nodes to give back
     conflicts: tuple[Conflict, ...]  # nodes the fleet could not use because of another profile
     capacity: Capacity
+    mig_refused: tuple[str, ...] = ()  # "node (label=value)": MIG mode, where MPS cannot run
+    waiting: tuple[str, ...] = ()  # held under an old profile until the old pods leave
+    pending: tuple[tuple[str, str], ...] = ()  # (node, why): held, profile not advertised yet
+
+    @property
+    def applied(self) -> tuple[str, ...]:
+        """Held nodes that advertise the profile."""
+        waiting = {node for node, _ in self.pending}
+        return tuple(node for node in self.hold if node not in waiting)
 
     @property
     def desired_replicas(self) -> int:
@@ -195,28 +256,78 @@ def _usable(node: NodeView, me: str, key: str) -> bool:
     return node.profile in (None, key) if others else True
 
 
-def plan_claims(spec: FleetSpec, nodes: Sequence[NodeView]) -> ClaimPlan:
-    """Decide which nodes the fleet holds: keep what it has, add usable nodes until it fits."""
+def _keep_needed(
+    kept: Sequence[NodeView],
+    pods_on: Mapping[str, Sequence[str]],
+    free: Callable[[NodeView], int],
+    replicas: int,
+) -> tuple[list[NodeView], list[str]]:
+    """Of the nodes held, those still needed: every node a pod of the fleet runs on, then the
+    others (by name) while the slots fall short of the replicas. The rest are given back."""
+    keep = [n for n in kept if pods_on.get(n.name)]
+    slots = sum(free(n) for n in keep)
+    surplus: list[str] = []
+    for node in sorted((n for n in kept if not pods_on.get(n.name)), key=lambda n: n.name):
+        if slots < replicas:
+            keep.append(node)
+            slots += free(node)
+        else:
+            surplus.append(node.name)
+    return keep, surplus
+
+
+def plan_claims(
+    spec: FleetSpec,
+    nodes: Sequence[NodeView],
+    pods_on: Mapping[str, Sequence[str]] | None = None,
+    used: Mapping[str, int] | None = None,
+) -> ClaimPlan:
+    """Decide which nodes the fleet holds: keep what it has and still needs, add usable nodes
+    until it fits. `pods_on` names, per node, the profile each pod of the fleet there was
+    placed under ("" when not known); `used` the slots other fleets' pods take per node."""
     me, key = fleet_id(spec.namespace, spec.name), profile_key(spec.gpu)
-    candidates = [n for n in nodes if matches(spec, n)]
-    hold: list[NodeView] = []
-    claim: list[str] = []
-    release = [n.name for n in nodes if me in n.claims and not matches(spec, n)]
+    pods_on, used = pods_on or {}, used or {}
+
+    def free(node: NodeView) -> int:
+        return max(0, host_slots(spec, node.host()) - used.get(node.name, 0))
+
+    refused = {
+        n.name: n.mig
+        for n in nodes
+        if spec.gpu.sharing == "mps" and n.mig is not None and matches(spec, n, me in n.claims)
+    }
+    candidates = [
+        n for n in nodes if matches(spec, n, held=me in n.claims) and n.name not in refused
+    ]
+    kept: list[NodeView] = []
+    switch: list[NodeView] = []
+    waiting: list[str] = []
+    release = [
+        n.name
+        for n in nodes
+        if me in n.claims and (n.name in refused or not matches(spec, n, held=True))
+    ]
     for node in candidates:
         if me not in node.claims:
             continue
         if node.profile == key and not node.foreign_config:
-            hold.append(node)
+            kept.append(node)
         elif _usable(node, me, key) and host_slots(spec, node.host()) > 0:
-            hold.append(node)  # held alone under an old profile: switch it
-            claim.append(node.name)
+            if any(profile != key for profile in pods_on.get(node.name, ())):
+                waiting.append(node.name)  # the old profile's pods still run there
+            else:
+                switch.append(node)  # held alone under an old profile: switch it
         else:
             release.append(node.name)
-    slots = sum(host_slots(spec, n.host()) for n in hold)
+    kept, surplus = _keep_needed([*kept, *switch], pods_on, free, spec.replicas)
+    release += surplus
+    hold = list(kept)
+    claim = [n.name for n in switch if n in kept]
+    slots = sum(free(n) for n in hold)
     conflicts: list[Conflict] = []
     # Prefer nodes already running our profile, then free ones; by name for a stable order.
     rest = sorted(
-        (n for n in candidates if me not in n.claims and host_slots(spec, n.host()) > 0),
+        (n for n in candidates if me not in n.claims and free(n) > 0),
         key=lambda n: (n.profile != key, bool(n.claims), n.name),
     )
     for node in rest:
@@ -228,17 +339,36 @@ def plan_claims(spec: FleetSpec, nodes: Sequence[NodeView]) -> ClaimPlan:
         elif not node.unschedulable:
             hold.append(node)
             claim.append(node.name)
-            slots += host_slots(spec, node.host())
+            slots += free(node)
     too_small = [n for n in candidates if host_slots(spec, n.host()) == 0]
     hosts = {n.name: n.host() for n in [*hold, *too_small]}
+    capacity = check_capacity(spec, [hosts[name] for name in sorted(hosts)])
+    taken = sum(host_slots(spec, n.host()) - free(n) for n in hold)
+    if taken:  # slots other fleets' pods take on the nodes held
+        capacity = replace(capacity, slots_available=capacity.slots_available - taken)
     return ClaimPlan(
         profile=key,
         hold=tuple(sorted(n.name for n in hold)),
         claim=tuple(sorted(claim)),
         release=tuple(sorted(release)),
         conflicts=tuple(conflicts),
-        capacity=check_capacity(spec, [hosts[name] for name in sorted(hosts)]),
+        capacity=capacity,
+        mig_refused=tuple(f"{name} ({label})" for name, label in sorted(refused.items())),
+        waiting=tuple(sorted(waiting)),
+        pending=_pending(spec.gpu, hold, claim),
     )
+
+
+def _pending(gpu: GpuSpec, hold: Sequence[NodeView], claim: Sequence[str]) -> tuple[Any, ...]:
+    """(node, why) for each held node that does not advertise the shared profile yet."""
+    if not gpu.shared:
+        return ()  # exclusive is what a node without the config label runs
+    pending: list[tuple[str, str]] = []
+    for node in sorted(hold, key=lambda n: n.name):
+        why = "labelled now" if node.name in claim else not_advertised(gpu, node)
+        if why is not None:
+            pending.append((node.name, why))
+    return tuple(pending)
 
 
 def claim_patch(node: NodeView, me: str, key: str, shared: bool) -> dict[str, Any] | None:
@@ -284,3 +414,33 @@ def release_patch(node: NodeView, me: str) -> dict[str, Any]:
             "annotations": {CLAIMS_ANNOTATION: None},
         }
     }
+
+
+def patched(node: NodeView, patch: Mapping[str, Any]) -> NodeView:
+    """The node as it reads after a claim or release patch (labels and claims merged in)."""
+    meta = patch.get("metadata") or {}
+    labels = dict(node.labels)
+    for key, value in (meta.get("labels") or {}).items():
+        if value is None:
+            labels.pop(key, None)
+        else:
+            labels[key] = value
+    claims = node.claims
+    annotations = meta.get("annotations") or {}
+    if CLAIMS_ANNOTATION in annotations:
+        claims = frozenset(c for c in (annotations[CLAIMS_ANNOTATION] or "").split(",") if c)
+    return replace(node, labels=labels, claims=claims)
+
+
+def drop_holders(node: NodeView, holders: Iterable[str]) -> tuple[NodeView, dict[str, Any]]:
+    """Release the node for each of `holders` (fleets that no longer exist): the node after,
+    and the one patch that does it ({} when none of them holds it)."""
+    merged: dict[str, Any] = {}
+    for holder in sorted(set(holders) & node.claims):
+        patch = release_patch(node, holder)
+        node = patched(node, patch)
+        for part in ("labels", "annotations"):
+            if part in patch["metadata"]:
+                merged.setdefault(part, {}).update(patch["metadata"][part])
+        merged["resourceVersion"] = patch["metadata"]["resourceVersion"]
+    return node, ({"metadata": merged} if merged else {})

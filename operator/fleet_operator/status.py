@@ -21,6 +21,7 @@ class Observed:
     deployment: Mapping[str, Any] | None
     pods: Sequence[Mapping[str, Any]]
     plan: ClaimPlan
+    not_owned: tuple[str, ...] = ()  # children's names taken by objects this fleet does not own
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
@@ -45,7 +46,9 @@ def _stamp(
     return conditions
 
 
-def placement(pods: Sequence[Mapping[str, Any]], processes_per_pod: int) -> list[dict[str, Any]]:
+def pods_per_node(
+    pods: Sequence[Mapping[str, Any]], processes_per_pod: int
+) -> list[dict[str, Any]]:
     """Scheduled, not terminating worker pods per node, and the worker processes they run."""
     per_node = Counter(
         pod["spec"]["nodeName"]
@@ -92,6 +95,14 @@ def observed_generation(observed: Observed, previous: Mapping[str, Any]) -> int 
 
 
 def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
+    if plan.mig_refused and not plan.capacity.fits:
+        return _condition(
+            "GPUSharing",
+            False,
+            "MIGMode",
+            f"MPS sharing cannot run on GPUs in MIG mode: {', '.join(plan.mig_refused)}; "
+            "use timeSlicing or sharing none there, or turn MIG off on those nodes",
+        )
     if plan.conflicts:
         held = ", ".join(c.describe() for c in plan.conflicts)
         return _condition(
@@ -100,9 +111,38 @@ def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
             "ProfileConflict",
             f"needs nodes with profile {plan.profile}, but {held}; those nodes are left alone",
         )
+    if plan.waiting:
+        return _condition(
+            "GPUSharing",
+            False,
+            "ProfileChangeWaiting",
+            f"{', '.join(plan.waiting)} switch to profile {plan.profile} once the pods placed "
+            "under the old profile have left",
+        )
+    if plan.pending:
+        pending = "; ".join(f"{node} pending: {why}" for node, why in plan.pending)
+        return _condition(
+            "GPUSharing",
+            False,
+            "ProfilePending",
+            f"profile {plan.profile} not advertised yet: {pending} (the device plugin reads "
+            "its ConfigMap through a volume the kubelet refreshes about a minute late)",
+        )
     where = ", ".join(plan.hold) if plan.hold else "no nodes yet"
     reason = "Exclusive" if plan.profile == EXCLUSIVE else "ProfileApplied"
     return _condition("GPUSharing", True, reason, f"profile {plan.profile} on {where}")
+
+
+def _owned_condition(not_owned: Sequence[str]) -> dict[str, Any]:
+    if not not_owned:
+        return _condition("ChildrenOwned", True, "AllOwned", "every child is this fleet's")
+    return _condition(
+        "ChildrenOwned",
+        False,
+        "NotOwned",
+        f"{', '.join(not_owned)} already exist and are not this fleet's: left alone "
+        "(rename the fleet, or delete them to let the fleet create its own)",
+    )
 
 
 def compute_status(
@@ -117,7 +157,9 @@ def compute_status(
     current = generation == observed.generation
     ready = current and rolled_out and desired == spec.replicas
     ready = ready and counts["readyReplicas"] >= spec.replicas
-    if ready:
+    if observed.not_owned:
+        ready, ready_reason = False, "NotOwned"
+    elif ready:
         ready_reason = "AllWorkersReady"
     elif not capacity.fits:
         ready_reason = capacity.reason
@@ -148,6 +190,7 @@ def compute_status(
         ),
         _condition("GPUCapacity", capacity.fits, capacity.reason, capacity.message()),
         _sharing_condition(plan),
+        _owned_condition(observed.not_owned),
     ]
     status: dict[str, Any] = {
         **counts,
@@ -158,9 +201,11 @@ def compute_status(
             "slotsAvailable": capacity.slots_available,
             "memoryNeededMiBPerGPU": capacity.memory_needed_mib,
             "nodes": list(plan.hold),
+            "applied": list(plan.applied),
+            "pending": [{"node": node, "reason": why} for node, why in plan.pending],
             "summary": capacity.summary(),
         },
-        "placement": placement(observed.pods, spec.processes_per_pod),
+        "placement": pods_per_node(observed.pods, spec.processes_per_pod),
         "conditions": _stamp(
             conditions, previous.get("conditions") or [], observed.generation, now
         ),
@@ -170,16 +215,17 @@ def compute_status(
     return status
 
 
-def invalid_status(
-    message: str, generation: int, previous: Mapping[str, Any], now: str
+def failed_status(
+    reason: str, message: str, generation: int, previous: Mapping[str, Any], now: str
 ) -> dict[str, Any]:
-    """Status of a fleet whose spec cannot work: Ready False with the reason, the rest untouched."""
+    """Status of a fleet that could not be reconciled (InvalidSpec, or what the API refused):
+    Ready False and Degraded True with the reason and message, the rest untouched."""
     conditions = [
         c for c in previous.get("conditions") or [] if c.get("type") not in ("Ready", "Degraded")
     ]
     fresh = [
-        _condition("Ready", False, "InvalidSpec", message),
-        _condition("Degraded", True, "InvalidSpec", message),
+        _condition("Ready", False, reason, message),
+        _condition("Degraded", True, reason, message),
     ]
     return {
         "conditions": conditions + _stamp(fresh, previous.get("conditions") or [], generation, now)
@@ -187,7 +233,12 @@ def invalid_status(
 
 
 # Conditions whose changes are worth an Event, and the Event type when the condition is False.
-_EVENTFUL = {"Ready": "Normal", "GPUCapacity": "Warning", "GPUSharing": "Warning"}
+_EVENTFUL = {
+    "Ready": "Normal",
+    "GPUCapacity": "Warning",
+    "GPUSharing": "Warning",
+    "ChildrenOwned": "Warning",
+}
 
 
 def condition_events(

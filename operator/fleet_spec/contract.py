@@ -123,6 +123,8 @@ class WorkerSettings:
     precision: str = "fp32"
     threads: int | None = None
     image_size: int = 224
+    copy_stream: bool = False
+    cuda_graphs: bool = False
     batching: BatchSettings = field(default_factory=BatchSettings)
     batching_config: Path | None = None
     max_message_bytes: int = 64 * 1024 * 1024
@@ -225,6 +227,18 @@ _FLAGS = (
         Path,
         "YAML/JSON file with maxBatchSize, maxQueueDelayMicroseconds, maxQueueSize; watched and "
         "applied live",
+    ),
+    _Flag(
+        "--copy-stream",
+        "copy_stream",
+        bool,
+        "CUDA: upload frames on a stream of their own (off by default: not measured faster)",
+    ),
+    _Flag(
+        "--cuda-graphs",
+        "cuda_graphs",
+        bool,
+        "CUDA: replay one CUDA graph per warmed batch size (off by default: not measured)",
     ),
     _Flag("--max-message-bytes", "max_message_bytes", int, "largest gRPC message"),
     _Flag(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, cast
 import jsonschema
 import yaml
 
+from fleet_spec.cel_rules import rule_errors
 from fleet_spec.contract import BUILTIN_PREFIX, BatchSettings, served_model_name
 
 GROUP = "inferencefleet.dev"
@@ -29,7 +29,6 @@ CRD_PATH = Path(
     )
 )
 
-BUILTIN_MODELS = ("tiny", "resnet18")
 MODEL_MOUNT = "/models"
 
 
@@ -165,101 +164,6 @@ def _schema_error(error: jsonschema.ValidationError) -> tuple[str, str]:
     return where or "<root>", f"{text} (got {error.instance!r})" if kind != "type" else text
 
 
-# A label name (Kubernetes' qualified name): an optional DNS subdomain prefix and '/', then a name
-# of at most 63 characters; the prefix at most 253. The same regex in the CRD's rules (RE2).
-_LABEL_NAME = (
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
-_LABEL_NAME_RULE = "k.matches('" + _LABEL_NAME.replace("\\", "\\\\") + "') && k.indexOf('/') <= 253"
-_CONTAINER_RESOURCES = ("cpu", "memory", "ephemeral-storage")
-
-
-def _is_label_name(key: str) -> bool:
-    return re.fullmatch(_LABEL_NAME, key) is not None and key.find("/") <= 253
-
-
-def _is_resource_name(key: str) -> bool:
-    """What the Deployment API takes as a container resource name."""
-    known = key in _CONTAINER_RESOURCES or key.startswith("hugepages-") or "/" in key
-    return known and _is_label_name(key)
-
-
-# The CRD's CEL rules (x-kubernetes-validations), re-checked in Python. Keyed by the rule text so
-# that a test fails when the CRD gains a rule that has no Python twin here.
-CelCheck = Callable[[Any], bool]
-CEL_RULES: dict[str, CelCheck] = {
-    (
-        "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
-        " && self.metadata.name.size() <= 50"
-    ): (
-        lambda s: (
-            _is_dns_label(str(s.get("metadata", {}).get("name", "")))
-            and len(s["metadata"]["name"]) <= 50
-        )
-    ),
-    "!has(self.volume) || self.source.startsWith('/models/')": (
-        lambda s: "volume" not in s or str(s["source"]).startswith(MODEL_MOUNT + "/")
-    ),
-    "self.maxQueueSize >= self.maxBatchSize": lambda s: s["maxQueueSize"] >= s["maxBatchSize"],
-    "self.sharing != 'none' || self.workersPerGPU == 1": (
-        lambda s: s["sharing"] != "none" or s["workersPerGPU"] == 1
-    ),
-    "self.sharing == 'none' || self.workersPerGPU >= 2": (
-        lambda s: s["sharing"] == "none" or s["workersPerGPU"] >= 2
-    ),
-    (
-        "(!has(self.limits) || !('nvidia.com/gpu' in self.limits))"
-        " && (!has(self.requests) || !('nvidia.com/gpu' in self.requests))"
-    ): (lambda s: all("nvidia.com/gpu" not in s.get(part, {}) for part in ("limits", "requests"))),
-    "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''": (
-        lambda s: s.get("operator") != "Exists" or not s.get("value")
-    ),
-    f"self.all(k, {_LABEL_NAME_RULE})": lambda s: all(_is_label_name(k) for k in s),
-    (
-        "self.all(k, (k in ['cpu', 'memory', 'ephemeral-storage'] || k.startsWith('hugepages-')"
-        f" || k.contains('/')) && {_LABEL_NAME_RULE})"
-    ): lambda s: all(_is_resource_name(k) for k in s),
-    "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')": (
-        lambda s: bool(s.get("key")) or s.get("operator") == "Exists"
-    ),
-    "!has(self.key) || self.key.indexOf('/') <= 253": lambda s: s.get("key", "").find("/") <= 253,
-    "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')": (
-        lambda s: "tolerationSeconds" not in s or s.get("effect") == "NoExecute"
-    ),
-}
-
-
-def _is_dns_label(name: str) -> bool:
-    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-")
-    return (
-        bool(name)
-        and name[0].isalpha()
-        and name[-1] != "-"
-        and set(name) <= allowed
-        and name.islower()
-    )
-
-
-def _cel_errors(value: Any, schema: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
-    errors: list[tuple[str, str]] = []
-    for rule in schema.get("x-kubernetes-validations", []):
-        if not CEL_RULES[rule["rule"]](value):
-            path = where + rule.get("fieldPath", "")
-            message = str(rule["message"])
-            if not path and ": " in message:  # root rules name their field in the message
-                path, message = message.split(": ", 1)
-            errors.append((path, message))
-    if isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key in value:
-                errors += _cel_errors(value[key], sub, f"{where}.{key}" if where else key)
-    elif isinstance(value, list) and "items" in schema:
-        for index, item in enumerate(value):
-            errors += _cel_errors(item, schema["items"], f"{where}[{index}]")
-    return errors
-
-
 def defaulted(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy of the manifest with the CRD's defaults filled in (no validation)."""
     result: dict[str, Any] = apply_defaults(copy.deepcopy(dict(manifest)), openapi_schema())
@@ -277,9 +181,9 @@ def validate(manifest: Mapping[str, Any]) -> dict[str, Any]:
     ]
     if errors:
         raise FleetSpecError(errors)
-    cel = _cel_errors(document, schema, "")
-    if cel:
-        raise FleetSpecError(cel)
+    broken = rule_errors(document, schema, "")
+    if broken:
+        raise FleetSpecError(broken)
     return document
 
 
@@ -313,12 +217,3 @@ def parse_fleet(manifest: Mapping[str, Any]) -> FleetSpec:
         node_selector=dict(spec.get("nodeSelector", {})),
         tolerations=copy.deepcopy(spec.get("tolerations", [])),
     )
-
-
-def load_fleet(path: str | Path) -> FleetSpec:
-    """Read a fleet manifest from a YAML file and parse it."""
-    with Path(path).open(encoding="utf-8") as handle:
-        manifest = yaml.safe_load(handle)
-    if not isinstance(manifest, dict):
-        raise FleetSpecError([("<root>", f"{path} does not hold one YAML mapping")])
-    return parse_fleet(manifest)

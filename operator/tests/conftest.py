@@ -289,7 +289,7 @@ def run_operator(
         wait_until(
             "the operator's liveness endpoint",
             lambda: process.poll() is not None or _healthy(handle.liveness),
-            timeout=60,
+            timeout=240,  # importing kopf and the Kubernetes client is slow on a busy machine
         )
         assert process.poll() is None, f"operator exited:\n{handle.output()}"
         yield handle

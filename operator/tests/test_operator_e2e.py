@@ -246,3 +246,35 @@ def test_two_operator_replicas_do_not_both_act(
         cluster.kubectl("delete", "ifleet", "peered", "-n", namespace, "--timeout=60s")
         for line in (resumed, "Creation is processed", "Deletion is processed"):
             assert line not in low.output()
+
+
+def test_an_object_someone_else_made_is_neither_taken_nor_deleted(fleets: Any) -> None:
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "squatter-batching", "namespace": fleets.namespace},
+        "data": {"owner": "someone else"},
+    }
+    fleets.apply(theirs)
+    fleets.apply(fleets.manifest("squatter", replicas=1))
+    owned = fleets.wait_condition("squatter", "ChildrenOwned", "False", "NotOwned")
+    assert f"ConfigMap {fleets.namespace}/squatter-batching" in owned["message"]
+    wait_until(
+        "a NotOwned event",
+        lambda: any(e["reason"] == "NotOwned" for e in fleets.events("squatter")),
+        timeout=30,
+    )
+    configmap = json.loads(fleets.kubectl("get", "configmap", "squatter-batching", "-o", "json"))
+    assert configmap["data"] == {"owner": "someone else"}
+    assert not configmap["metadata"].get("ownerReferences")
+    assert fleets.deployment("squatter") is None  # no pods on someone else's config
+    assert fleets.kubectl("get", "service", "squatter", "-o", "name").strip()
+
+    fleets.delete("squatter")
+    wait_until(
+        "the fleet's own children to be garbage-collected",
+        lambda: not fleets.kubectl("get", "service", "squatter", "--ignore-not-found").strip(),
+        timeout=60,
+    )
+    survivor = json.loads(fleets.kubectl("get", "configmap", "squatter-batching", "-o", "json"))
+    assert survivor["data"] == {"owner": "someone else"}

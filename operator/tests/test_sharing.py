@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import yaml
 from fleet_operator.names import CLAIMS_ANNOTATION, DEVICE_PLUGIN_LABEL, PROFILE_LABEL
 from fleet_operator.sharing import (
@@ -217,3 +218,86 @@ def test_the_last_holder_removes_the_labels() -> None:
         "annotations": {CLAIMS_ANNOTATION: None},
     }
     assert release_patch(_node("ada-0"), "ns/a") == {}
+
+
+CORDON = {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
+NOT_READY = {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}
+MAINTENANCE = {"key": "example.com/maintenance", "effect": "NoSchedule"}
+HELD_TS4 = {"claims": "ns/a", "labels": {PROFILE_LABEL: "timeslicing-4"}}
+
+
+@pytest.mark.parametrize(
+    ("case", "nodes", "pods_on", "replicas", "hold", "release", "claim"),
+    [
+        # Kubernetes' own taints keep a held node (its pods may still run), a user's taint not.
+        ("cordoned", [_node("n0", unschedulable=True, taints=[CORDON], **HELD_TS4)],
+         {"n0": ["timeslicing-4"]}, 2, ["n0"], [], []),
+        ("not ready", [_node("n0", taints=[NOT_READY], **HELD_TS4)],
+         {"n0": ["timeslicing-4"]}, 2, ["n0"], [], []),
+        ("foreign taint", [_node("n0", taints=[MAINTENANCE], **HELD_TS4)],
+         {}, 2, [], ["n0"], []),
+        # A cordoned free node is not claimed.
+        ("cordoned, free", [_node("n0", unschedulable=True, taints=[CORDON])], {}, 2, [], [], []),
+        # Scaling down gives back nodes without pods once the rest cover the replicas.
+        ("scale to 0", [_node("n0", **HELD_TS4), _node("n1", **HELD_TS4)], {}, 0,
+         [], ["n0", "n1"], []),
+        ("scale down", [_node("n0", **HELD_TS4), _node("n1", **HELD_TS4)],
+         {"n1": ["timeslicing-4"]}, 8, ["n1"], ["n0"], []),
+        ("pods still leaving", [_node("n0", **HELD_TS4)], {"n0": ["timeslicing-4"]}, 0,
+         ["n0"], [], []),
+        ("claimed, pods not placed yet", [_node("n0", **HELD_TS4), _node("n1", **HELD_TS4)],
+         {"n1": ["timeslicing-4"]}, 16, ["n0", "n1"], [], []),
+        # A node held alone switches profile only once the old profile's pods left.
+        ("old pods run", [_node("n0", claims="ns/a", labels={PROFILE_LABEL: "mps-4"})],
+         {"n0": ["mps-4"]}, 2, [], [], []),
+        ("old pods gone", [_node("n0", claims="ns/a", labels={PROFILE_LABEL: "mps-4"})],
+         {"n0": ["timeslicing-4"]}, 2, ["n0"], [], ["n0"]),
+    ],
+)  # fmt: skip
+def test_plan_claims_table(
+    case: str,
+    nodes: list[NodeView],
+    pods_on: dict[str, list[str]],
+    replicas: int,
+    hold: list[str],
+    release: list[str],
+    claim: list[str],
+) -> None:
+    plan = plan_claims(_fleet(replicas=replicas), nodes, pods_on)
+    assert (list(plan.hold), list(plan.release), list(plan.claim)) == (hold, release, claim), case
+
+
+def test_a_profile_change_waits_and_says_so() -> None:
+    nodes = [_node("n0", claims="ns/a", labels={PROFILE_LABEL: "mps-4"})]
+    plan = plan_claims(_fleet(), nodes, {"n0": ["mps-4"]})
+    assert plan.waiting == ("n0",)
+
+
+@pytest.mark.parametrize(
+    ("labels", "refused"),
+    [
+        ({"nvidia.com/mig.strategy": "single"}, True),
+        ({"nvidia.com/mig.strategy": "mixed"}, True),
+        ({"nvidia.com/mig.config": "all-1g.24gb"}, True),
+        ({"nvidia.com/mig.strategy": "none", "nvidia.com/mig.config": "all-disabled"}, False),
+        ({"nvidia.com/mig.capable": "true"}, False),  # able, but MIG mode is off
+    ],
+)
+def test_mps_is_refused_on_gpus_in_mig_mode(labels: dict[str, str], refused: bool) -> None:
+    nodes = [_node("n0", labels=labels)]
+    mps = plan_claims(_fleet(sharing="mps"), nodes)
+    assert bool(mps.mig_refused) == refused
+    assert list(mps.hold) == ([] if refused else ["n0"])
+    time_slicing = plan_claims(_fleet(), nodes)  # time-slicing is not refused
+    assert list(time_slicing.hold) == ["n0"]
+    assert not time_slicing.mig_refused
+
+
+def test_slots_other_fleets_use_are_not_counted_free() -> None:
+    nodes = [_node("n0", claims="ns/other", labels={PROFILE_LABEL: "timeslicing-4"}), _node("n1")]
+    plan = plan_claims(_fleet(replicas=8), nodes, {}, {"n0": 8})  # n0's 8 slots are taken
+    assert list(plan.hold) == ["n1"]
+    assert plan.capacity.slots_available == 8
+    shared = plan_claims(_fleet(replicas=8), nodes, {}, {"n0": 6})  # 2 left on n0, 6 from n1
+    assert list(shared.hold) == ["n0", "n1"]
+    assert shared.capacity.slots_available == 10

@@ -1,8 +1,8 @@
 """GPU sharing against NVIDIA's real config-manager: the right behaviour, one test per known case.
 
-Each test states what a real cluster needs from the operator. Today's operator gets each
-of them wrong, so each is a strict xfail whose reason names what it does wrong; the
-marker goes when the operator is fixed.
+Each test states what a real cluster needs from the operator. One the operator still gets
+wrong is a strict xfail whose reason names what it does wrong; the marker goes when the
+operator is fixed.
 """
 
 from __future__ import annotations
@@ -54,20 +54,18 @@ def wait_observed(fleets: Any, name: str) -> None:
     wait_until(f"fleet {name}'s current generation to be observed", observed, timeout=90)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writes only its own profile keys and no key meaning 'no sharing': config-manager's "
-    "`single` fallback hands its profile to unlabelled GPU nodes, including the node it released",
-)
 def test_case1_a_fleet_never_changes_the_sharing_of_gpus_it_does_not_use(
     device_plugins: DevicePlugins, fleets: Any
 ) -> None:
     device_plugins.set_configmap(None)  # the operator is the ConfigMap's first writer
+    # A fresh pod, which mounts the ConfigMap once it exists. (A running one could never
+    # switch: config-manager exits when the key its config file points at is gone.)
+    device_plugins.restart(BW_NODE)
     fleets.apply(fleets.manifest("solo", replicas=2, gpu=blackwell("timeSlicing", 2)))
     wait_until(
         "the profile on the fleet's node",
         lambda: device_plugins.node(BW_NODE)[1].get(REPLICAS) == "2",
-        timeout=150,
+        timeout=240,
     )
     other = "rtx6000ada-0"  # the fleet does not use it; its plugin restarts (reboot, rollout)
     device_plugins.restart(other)
@@ -90,6 +88,8 @@ def test_case1_a_fleet_never_changes_the_sharing_of_gpus_it_does_not_use(
 def test_case2_a_profile_lands_through_a_lagging_volume_without_crash_loops(
     device_plugins: DevicePlugins, fleets: Any
 ) -> None:
+    device_plugins.restart(BW_NODE)  # a fresh pod: no back-off or log from earlier tests
+    wait_until("the fresh pod to serve", lambda: device_plugins.serving(BW_NODE), timeout=90)
     device_plugins.set_lag(BW_NODE, 60)  # a kubelet refreshes ConfigMap volumes about this late
     fleets.apply(fleets.manifest("lagged", replicas=2, gpu=blackwell("timeSlicing", 2)))
 
@@ -106,11 +106,6 @@ def test_case2_a_profile_lands_through_a_lagging_volume_without_crash_loops(
     fleets.wait_ready("lagged")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="status says the profile is applied from the operator's own labels; it never reads "
-    "what the node advertises (allocatable, nvidia.com/gpu.replicas)",
-)
 def test_case3_status_reports_a_node_pending_until_it_advertises_the_profile(
     device_plugins: DevicePlugins, fleets: Any
 ) -> None:
@@ -126,11 +121,6 @@ def test_case3_status_reports_a_node_pending_until_it_advertises_the_profile(
     assert device_plugins.node(BW_NODE)[1][REPLICAS] == "1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="counts every slot of a node held under its profile as free, though another fleet of "
-    "that profile uses them: the second fleet's pods stay Pending while its status says it fits",
-)
 def test_case4_two_fleets_of_one_profile_each_get_their_slots(
     device_plugins: DevicePlugins, fleets: Any
 ) -> None:
@@ -146,11 +136,6 @@ def test_case4_two_fleets_of_one_profile_each_get_their_slots(
     fleets.wait_ready("second", timeout=180)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="takes the taints Kubernetes puts on a node (cordon, not-ready, unreachable, pressure) "
-    "as a reason to release it and strip its sharing label under the fleet's running pods",
-)
 def test_case5_a_cordoned_node_keeps_its_profile_under_running_pods(
     cluster: Any, device_plugins: DevicePlugins, fleets: Any
 ) -> None:
@@ -166,11 +151,6 @@ def test_case5_a_cordoned_node_keeps_its_profile_under_running_pods(
         cluster.kubectl("uncordon", BW_NODE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="never gives a node back when the fleet scales down: at 0 pods it still holds every "
-    "node, labelled with its profile",
-)
 def test_case6_scaling_to_zero_gives_the_nodes_back(
     device_plugins: DevicePlugins, fleets: Any
 ) -> None:
@@ -185,11 +165,6 @@ def test_case6_scaling_to_zero_gives_the_nodes_back(
         wait_until(f"{node} to be given back", lambda n=node: unshared(device_plugins, n, 2), 120)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="switches a node it holds alone to the new profile at once, while pods of the old "
-    "profile still run there",
-)
 def test_case7_a_profile_change_waits_for_the_old_pods_to_leave(
     cluster: Any, device_plugins: DevicePlugins, fleets: Any
 ) -> None:
@@ -216,11 +191,6 @@ def test_case7_a_profile_change_waits_for_the_old_pods_to_leave(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writes migStrategy none into every profile and never reads feature discovery's MIG "
-    "labels: an MPS profile lands on a GPU in MIG mode, where the plugin fails",
-)
 def test_case8_mps_on_a_gpu_in_mig_mode_is_refused_with_a_clear_message(
     cluster: Any, device_plugins: DevicePlugins, fleets: Any
 ) -> None:

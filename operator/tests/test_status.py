@@ -6,7 +6,7 @@ from typing import Any
 
 from fleet_operator.names import CLAIMS_ANNOTATION, PROFILE_LABEL
 from fleet_operator.sharing import node_view, plan_claims
-from fleet_operator.status import Observed, compute_status, condition_events, invalid_status
+from fleet_operator.status import Observed, compute_status, condition_events, failed_status
 from fleet_spec.spec import FleetSpec, GpuSpec, ModelSpec
 
 ADA = "NVIDIA-RTX-6000-Ada-Generation"
@@ -86,6 +86,8 @@ def test_all_ready_fleet() -> None:
         "slotsAvailable": 4,
         "memoryNeededMiBPerGPU": 4 * 2 * 2048,
         "nodes": ["ada-0"],
+        "applied": [],
+        "pending": [{"node": "ada-0", "reason": "advertises no nvidia.com/gpu, not 4 slots"}],
         "summary": "4/4",
     }
     assert _conditions(status) == {
@@ -93,7 +95,8 @@ def test_all_ready_fleet() -> None:
         "Progressing": ("False", "Complete"),
         "Degraded": ("False", "AsExpected"),
         "GPUCapacity": ("True", "Fits"),
-        "GPUSharing": ("True", "ProfileApplied"),
+        "GPUSharing": ("False", "ProfilePending"),
+        "ChildrenOwned": ("True", "AllOwned"),
     }
     assert all(c["observedGeneration"] == 2 for c in status["conditions"])
 
@@ -177,7 +180,7 @@ def test_events_on_transitions_only() -> None:
 
 
 def test_invalid_spec_status() -> None:
-    status = invalid_status("spec.replicas: must be >= 0", 4, {}, NOW)
+    status = failed_status("InvalidSpec", "spec.replicas: must be >= 0", 4, {}, NOW)
     assert _conditions(status) == {
         "Ready": ("False", "InvalidSpec"),
         "Degraded": ("True", "InvalidSpec"),

@@ -27,3 +27,14 @@ def non_negative_seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def int_list(text: str) -> list[int]:
+    """Comma-separated integers, at least one."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one value")
+    return values

@@ -16,7 +16,12 @@ import grpc.aio
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fleet_client.argtypes import at_least_one, non_negative_seconds, positive_seconds
+from fleet_client.argtypes import (
+    at_least_one,
+    int_list,
+    non_negative_seconds,
+    positive_seconds,
+)
 from fleet_client.frames import FramesError, build_requests
 from fleet_client.loadgen import LoadGenerator, channel_options, check_ready
 from fleet_client.messages import (
@@ -40,11 +45,8 @@ class BenchError(RuntimeError):
 
 
 def _concurrency_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from exc
-    if not values or min(values) < 1:
+    values = int_list(text)
+    if min(values) < 1:
         raise argparse.ArgumentTypeError("concurrency values must be >= 1")
     return values
 
@@ -125,9 +127,10 @@ async def _unary(target: str, method: str, request: bytes, timeout_s: float) -> 
         return reply
 
 
-async def _model_input(
+async def model_input(
     targets: Targets, model: str | None, timeout_s: float
 ) -> tuple[str, TensorInfo]:
+    """The model to load (the only one listed, when not named) and its one input."""
     if model is None:
         try:
             reply = await _unary(
@@ -194,7 +197,7 @@ async def _run(
     await asyncio.gather(
         *(check_ready(t, args.connect_timeout) for t in to_check or [targets.grpc_target])
     )
-    model, tensor = await _model_input(targets, args.model, args.connect_timeout)
+    model, tensor = await model_input(targets, args.model, args.connect_timeout)
     requests = build_requests(
         model, tensor, args.batch, image_size=args.image_size, images=_image_files(args.images)
     )

@@ -20,6 +20,7 @@ MODEL_METADATA = f"/{SERVICE}/ModelMetadata"
 MODEL_INFER = f"/{SERVICE}/ModelInfer"
 MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
 REPOSITORY_INDEX = f"/{SERVICE}/RepositoryIndex"
+MODEL_CONFIG = f"/{SERVICE}/ModelConfig"
 
 M = TypeVar("M", bound=Message)
 
@@ -53,6 +54,10 @@ def encode_model_metadata_request(model: str) -> bytes:
     return pb.ModelMetadataRequest(name=model).SerializeToString()
 
 
+def encode_model_config_request(model: str) -> bytes:
+    return pb.ModelConfigRequest(name=model).SerializeToString()
+
+
 def encode_repository_index_request() -> bytes:
     return pb.RepositoryIndexRequest(ready=True).SerializeToString()
 
@@ -78,6 +83,12 @@ def decode_model_metadata(data: bytes) -> tuple[list[TensorInfo], list[TensorInf
 
 def decode_server_ready(data: bytes) -> bool:
     return _parse(pb.ServerReadyResponse, data).ready
+
+
+def decode_batching(data: bytes) -> tuple[int, int]:
+    """(max_batch_size, max_queue_delay_microseconds) a ModelConfigResponse reports."""
+    config = _parse(pb.ModelConfigResponse, data).config
+    return config.max_batch_size, config.dynamic_batching.max_queue_delay_microseconds
 
 
 def decode_repository_index(data: bytes) -> list[str]:

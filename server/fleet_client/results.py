@@ -38,10 +38,6 @@ class StepResult:
         return self.requests * self.frames_per_request
 
     @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
-
-    @property
     def frames_per_s(self) -> float:
         return self.frames / self.window_s if self.window_s > 0 else 0.0
 

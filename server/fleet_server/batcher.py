@@ -4,7 +4,12 @@ pass at a time on a dedicated thread. Knows asyncio and numpy, not protobuf or t
 The rule: a request that reaches an idle model with an empty queue is dispatched at once (waiting
 would only add latency, nothing can join it). Requests that arrive while the model is busy queue;
 when the model frees, the queued frames leave at once if they fill a batch or the oldest has waited
-maxQueueDelay, otherwise the batcher lingers until one of the two holds. Requests carrying several
+maxQueueDelay, otherwise the batcher lingers until one of the two holds. A batch counts as full at
+maxBatchSize or at the demand of the previous cycle (the most frames that were queued or computing
+at once between the last two dispatches), whichever is smaller: with 4 requests in flight a batch
+of 4 leaves as soon as the 4th arrives, instead of waiting maxQueueDelay for 8 that never come;
+and a head request that finds the model idle waits for that demand too (so a convoy of 4 is not
+split into 1 + 3), which at concurrency 1 is no wait at all. Requests carrying several
 frames are split across batches when needed and their logits merged back in order. A full queue
 rejects at once; requests whose deadline passed (or whose caller went away) are dropped before
 compute.
@@ -90,6 +95,9 @@ class Batcher:
         self._warming: asyncio.Task[None] | None = None
         self.stats = stats if stats is not None else ModelStats()
         self._queue = _Queue()
+        self._computing = 0  # frames in the forward pass now
+        self._peak = 0  # most frames queued or computing at once since the last dispatch
+        self._demand = 1  # that peak for the previous cycle: the batch worth waiting for
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -165,6 +173,11 @@ class Batcher:
         return max(1, min(self.settings.max_batch_size, self.runner.warmed_batch_size))
 
     @property
+    def demand(self) -> int:
+        """Frames the batcher waits for before a batch counts as full (at most the batch limit)."""
+        return min(self.batch_limit, self._demand)
+
+    @property
     def queued_frames(self) -> int:
         return self._queue.frames
 
@@ -191,6 +204,7 @@ class Batcher:
         future: asyncio.Future[Logits] = asyncio.get_running_loop().create_future()
         self._queue.items.append(_Pending(frames, future, time.perf_counter(), deadline))
         self._queue.frames += n
+        self._peak = max(self._peak, self._queue.frames + self._computing)
         self._m_depth.set(self._queue.frames)
         self._wake.set()
         return future
@@ -215,18 +229,21 @@ class Batcher:
                 await self._wake.wait()
                 fresh = True
                 continue
-            if not fresh:
+            if not fresh or self._demand > 1:
                 await self._linger()
             fresh = False
+            self._demand = max(1, self._peak)
             batch = self._take()
+            self._peak = self._queue.frames + sum(s.count for s in batch)
             if batch:
                 await self._execute(batch)
 
     async def _linger(self) -> None:
-        """Wait for more frames until a batch is full or the oldest request waited maxQueueDelay."""
+        """Wait for more frames until a batch is full (maxBatchSize, or the demand when that is
+        less) or the oldest request waited maxQueueDelay."""
         while self._queue.items and not self._closing:
             settings = self.settings
-            if self._queue.frames >= self.batch_limit:
+            if self._queue.frames >= self.demand:
                 return
             remaining = (
                 self._queue.items[0].enqueued + settings.max_queue_delay_s - time.perf_counter()
@@ -276,6 +293,7 @@ class Batcher:
         total = sum(s.count for s in batch)
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        self._computing = total
         try:
             logits = await loop.run_in_executor(self._executor, self.runner.infer, parts)
             if logits.shape[0] != total:
@@ -287,6 +305,8 @@ class Batcher:
                 if not s.request.future.done():
                     s.request.future.set_exception(exc)
             return
+        finally:
+            self._computing = 0
         self._count_failure(failed=False)
         elapsed = time.perf_counter() - started
         self._m_compute.observe(elapsed)

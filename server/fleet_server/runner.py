@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,6 +46,15 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return _DTYPES[precision]
 
 
+@dataclass(frozen=True)
+class _Graph:
+    """A captured forward: copy frames into `frames`, replay, read `logits`."""
+
+    graph: torch.cuda.CUDAGraph
+    frames: torch.Tensor
+    logits: torch.Tensor
+
+
 class ModelRunner:
     """Runs one model on one device; `infer` must be called from one thread at a time."""
 
@@ -56,7 +66,11 @@ class ModelRunner:
         dtype: torch.dtype,
         image_size: int,
         optimize: bool = True,
+        copy_stream: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
+        if (copy_stream or cuda_graphs) and device.type != "cuda":
+            raise ValueError("--copy-stream and --cuda-graphs need a CUDA device")
         self.name = loaded.name
         self.device = device
         self.dtype = dtype
@@ -81,6 +95,13 @@ class ModelRunner:
         self._scale_row = scale.view(1, 1, row * 3)
         self._shift_row = shift.repeat(row).view(1, 1, row * 3)
         self._staging: torch.Tensor | None = None
+        # CUDA only, both off unless asked for (not measured faster on every GPU and model):
+        # the upload on a stream of its own, so that it overlaps work already queued on the
+        # compute stream (another worker's on a shared GPU, or a pipelined caller's); and one
+        # CUDA graph per warmed batch size, replayed instead of launching every kernel from Python.
+        self._copy_stream = torch.cuda.Stream(device) if copy_stream else None  # type: ignore[no-untyped-call]
+        self._graphs: dict[int, _Graph] | None = {} if cuda_graphs else None
+        self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None  # one pool for all
 
     def _trace_and_freeze(self, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         example = torch.zeros(2, 3, self.image_size, self.image_size, device=self.device)
@@ -109,19 +130,60 @@ class ModelRunner:
             start += part.shape[0]
         return staging
 
+    def _compute(self, uploaded: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, H, W, 3] on the device -> logits [n, classes] on the device."""
+        frames, size = uploaded.shape[0], self.image_size
+        rows = uploaded.view(frames, size, size * 3).float()
+        rows = rows.mul_(self._scale_row).add_(self._shift_row)
+        # NHWC memory seen as NCHW: exactly the channels_last layout the model was traced in
+        x = rows.view(frames, size, size, 3).permute(0, 3, 1, 2).to(self.dtype)
+        return self._forward(x)
+
+    def _upload(self, staged: torch.Tensor) -> torch.Tensor:
+        if self._copy_stream is None:
+            return staged.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            uploaded = staged.to(self.device, non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        uploaded.record_stream(compute)  # its memory is not reused before the forward used it
+        return uploaded
+
     def infer(self, parts: Sequence[Frames]) -> Logits:
         """uint8 frames [n_i, H, W, 3] (one array per request part) -> logits [sum n_i, classes]."""
         frames = sum(part.shape[0] for part in parts)
         staged = self._stage(parts, frames)
-        size = self.image_size
         with torch.inference_mode():
-            rows = staged.to(self.device, non_blocking=True).view(frames, size, size * 3).float()
-            rows = rows.mul_(self._scale_row).add_(self._shift_row)
-            # NHWC memory seen as NCHW: exactly the channels_last layout the model was traced in
-            x = rows.view(frames, size, size, 3).permute(0, 3, 1, 2).to(self.dtype)
-            logits = self._forward(x)
+            graph = self._graphs.get(frames) if self._graphs is not None else None
+            if graph is not None:
+                graph.frames.copy_(staged, non_blocking=True)
+                graph.graph.replay()
+                logits = graph.logits
+            else:
+                logits = self._compute(self._upload(staged))
             result: Logits = logits.float().cpu().numpy()
         return result
+
+    def _capture(self, batch: int) -> None:
+        """Record the forward of `batch` frames as a CUDA graph (after warm-up picked kernels);
+        a batch size that cannot be captured keeps running eagerly."""
+        assert self._graphs is not None
+        size = self.image_size
+        frames = torch.zeros((batch, size, size, 3), dtype=torch.uint8, device=self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.inference_mode():
+                side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):  # as torch's docs ask: a warm-up off the default
+                    self._compute(frames)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                with torch.cuda.graph(graph, pool=self._pool):
+                    logits = self._compute(frames)
+        except RuntimeError as exc:
+            log.warning("batch size %d: no CUDA graph (%s); it runs eagerly", batch, exc)
+            return
+        self._graphs[batch] = _Graph(graph, frames, logits)
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run every batch size up to max_batch_size so no request pays a first-shape cost."""
@@ -136,7 +198,14 @@ class ModelRunner:
                     "expected [batch, classes]"
                 )
             self.num_classes = int(out.shape[1])
+            if self._graphs is not None:
+                self._capture(batch)
             self.warmed_batch_size = batch
+
+    @property
+    def graph_batch_sizes(self) -> list[int]:
+        """Batch sizes replayed from a CUDA graph (none unless cuda_graphs was asked for)."""
+        return sorted(self._graphs or {})
 
     def gpu_memory_allocated(self) -> int | None:
         """Bytes of CUDA memory allocated on this runner's device, or None on CPU."""

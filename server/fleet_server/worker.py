@@ -82,7 +82,12 @@ def _build_runner(config: WorkerSettings) -> ModelRunner:
     device = resolve_device(config.device, config.worker_index)
     dtype = resolve_dtype(config.precision, device)
     runner = ModelRunner(
-        load_model(config.model), device=device, dtype=dtype, image_size=config.image_size
+        load_model(config.model),
+        device=device,
+        dtype=dtype,
+        image_size=config.image_size,
+        copy_stream=config.copy_stream,
+        cuda_graphs=config.cuda_graphs,
     )
     log.info("model %s on %s as %s", config.model, device, str(dtype).removeprefix("torch."))
     return runner

@@ -10,6 +10,10 @@ from collections.abc import Callable, Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("fleet_server.serve", "run an inference worker (Open Inference Protocol over gRPC)"),
     "bench": ("fleet_client.bench", "benchmark one or more workers with a concurrency sweep"),
+    "tune": (
+        "fleet_tune.tune",
+        "find workers per GPU and batching for the most frames/s in a p99 budget",
+    ),
     "run": ("fleet_local.run", "run a fleet.yaml as supervised local processes"),
     "operator": ("fleet_operator.main", "run the Kubernetes operator for InferenceFleet"),
 }

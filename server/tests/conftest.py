@@ -66,15 +66,18 @@ class WorkerProcess:
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._seen:
-                self.log.append(line.rstrip())
-                self._seen.notify_all()
+        try:
+            for line in self.proc.stderr:
+                with self._seen:
+                    self.log.append(line.rstrip())
+                    self._seen.notify_all()
+        except ValueError:  # the pipe was closed when the test ended
+            pass
         with self._seen:
             self._closed = True
             self._seen.notify_all()
 
-    def wait_for(self, pattern: re.Pattern[str], within_s: float = 120.0) -> re.Match[str]:
+    def wait_for(self, pattern: re.Pattern[str], within_s: float = 300.0) -> re.Match[str]:
         """The first log line matching `pattern`; fails if the process exits or time runs out."""
         deadline = time.monotonic() + within_s
         with self._seen:

@@ -80,6 +80,40 @@ def test_requests_queued_while_busy_leave_together(
     assert asyncio.run(go()) == {8: 1}
 
 
+def test_a_convoy_stays_one_batch_and_a_lone_request_is_not_held(
+    tiny_reference: ModelRunner, frames: Frames
+) -> None:
+    """4 requests in flight, answered together, come back one by one: they leave as one batch
+    of 4 (not 1 + 3, not after waiting for 8); once one request is alone, none waits."""
+
+    async def go() -> tuple[dict[int, int], list[int]]:
+        batcher = await started(tiny_reference, max_batch_size=8, max_queue_delay_us=500_000)
+        demands = []
+        try:
+            await asyncio.gather(*(batcher.infer(frames(1, seed=i)) for i in range(4)))
+            demands.append(batcher.demand)
+
+            async def later(i: int) -> object:
+                await asyncio.sleep(0.01 * i)  # arrivals spread over 30 ms, well inside the delay
+                return await batcher.infer(frames(1, seed=i))
+
+            await asyncio.gather(*(later(i) for i in range(4)))
+            demands.append(batcher.demand)
+            for i in range(3):  # concurrency 1 from here: the demand falls back to one frame
+                await batcher.infer(frames(1, seed=i))
+                demands.append(batcher.demand)
+            return {
+                size: b.compute_infer.count for size, b in batcher.stats.batches.items()
+            }, demands
+        finally:
+            await batcher.close()
+
+    sizes, demands = asyncio.run(go())
+    assert sizes[4] == 2
+    assert demands[:2] == [4, 4]
+    assert demands[-1] == 1
+
+
 def test_full_queue_rejects_at_once(tiny_reference: ModelRunner, frames: Frames) -> None:
     async def go() -> list[object]:
         batcher = await started(tiny_reference, max_batch_size=2, max_queue_size=3)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 from fleet_client.messages import (
     MessageError,
+    decode_batching,
     decode_model_metadata,
     decode_repository_index,
     decode_server_ready,
     encode_infer_request,
+    encode_model_config_request,
     encode_model_metadata_request,
     stream_error,
 )
@@ -59,3 +61,16 @@ def test_truncated_message_is_an_error() -> None:
     data = encode_infer_request("tiny", "frames", "UINT8", [1, 2, 2, 3], b"x" * 12)
     with pytest.raises(MessageError):
         decode_model_metadata(data[:-3])
+
+
+def test_batching_is_read_back_from_a_model_config_response() -> None:
+    config = pb.ModelConfig(
+        name="tiny",
+        max_batch_size=16,
+        dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=750),
+    )
+    reply = pb.ModelConfigResponse(config=config).SerializeToString()
+    assert decode_batching(reply) == (16, 750)
+    assert pb.ModelConfigRequest.FromString(encode_model_config_request("tiny")).name == "tiny"
+    with pytest.raises(MessageError):
+        decode_batching(b"\xff\xff")

@@ -116,3 +116,15 @@ def test_cpu_runs_fp32_whatever_was_asked() -> None:
     assert resolve_device("cpu").type == "cpu"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto", worker_index=3).type == expected
+
+
+@pytest.mark.parametrize("flag", ["copy_stream", "cuda_graphs"])
+def test_cuda_only_options_are_refused_on_the_cpu(flag: str) -> None:
+    with pytest.raises(ValueError, match="--copy-stream and --cuda-graphs need a CUDA device"):
+        ModelRunner(
+            load_model("builtin:tiny"),
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            image_size=32,
+            **{flag: True},
+        )

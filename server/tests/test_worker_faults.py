@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
 
-DEADLINE_S = 120.0
+DEADLINE_S = 300.0  # a loaded 2-core machine takes minutes to import torch twice
 HTTP2_BUFFERED_ANSWERS = 2048  # 8 MiB of 4 KB answers: more than gRPC's flow control buffers
 
 
@@ -278,7 +278,10 @@ def test_processes_behind_one_port_answer_probes_for_all(
         answers = set()
         for _ in range(8):
             async with InferenceClient(target) as client:
-                answers.add(await client.health(HEALTH_SERVICE))
+                try:
+                    answers.add(await client.health(HEALTH_SERVICE))
+                except grpc.aio.AioRpcError as exc:  # not listening yet
+                    answers.add(exc.code().name)
         return answers
 
     wait_for("both processes serving", lambda: asyncio.run(probes()) == {"SERVING"})

@@ -101,7 +101,7 @@ def test_bad_input_gets_a_clear_status_and_the_worker_serves_on(
                 await _code(client.infer_raw(short)),
                 await _code(client.infer("tiny", frames(1, seed=0, size=16))),
                 await _code(client.infer("tiny", frames(400, seed=0))),  # 1.2 MB > 1 MiB limit
-                await _code(client.infer("tiny", frames(17, seed=0))),  # > maxQueueSize 16
+                await _code(client.infer("tiny", frames(17, seed=0))),  # never fits the queue of 16
                 await _code(client.infer("tiny", frames(1, seed=0))),
             ]
         return answers
@@ -113,7 +113,7 @@ def test_bad_input_gets_a_clear_status_and_the_worker_serves_on(
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.OK,
     ]
     messages = [message for _, message in answers]
@@ -122,7 +122,7 @@ def test_bad_input_gets_a_clear_status_and_the_worker_serves_on(
     assert "100 bytes do not match shape [2, 32, 32, 3]" in messages[2]
     assert "does not match [-1, 32, 32, 3]" in messages[3]
     assert "larger than max" in messages[4]
-    assert "maxQueueSize 16" in messages[5]
+    assert "can never fit the queue of maxQueueSize 16" in messages[5]
     assert not any("Traceback" in m or 'File "' in m for m in messages)
 
 

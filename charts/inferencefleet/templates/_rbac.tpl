@@ -1,21 +1,21 @@
 {{/*
-RBAC rules, in step with operator/RBAC.md and fleet_operator/apply.py (the one module that
-calls the API) plus what kopf itself does: only the verbs the operator uses; no wildcards,
-no secrets. Server-side apply needs `patch`, and `create` for an object that does not exist yet.
+RBAC rules, in step with operator/RBAC.md and fleet_operator/kube.py (the one module that
+writes to the API) plus what kopf itself does (the watches behind the operator's indexes):
+only the verbs the operator uses; no wildcards, no secrets. Server-side apply needs `patch`, and `create` for an object that does not exist yet.
 */}}
 
 {{- define "inferencefleet.clusterRules" -}}
-# Placement reads GPU nodes; a node's sharing profile is switched by a label (merge patch).
+# An index of GPU nodes (a watch); a node's sharing profile is switched by a label (merge patch).
 - apiGroups: [""]
   resources: ["nodes"]
-  verbs: ["get", "list", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 
 {{- define "inferencefleet.fleetRules" -}}
 # kopf lists and watches fleets and patches its finalizer and annotations on them.
 - apiGroups: ["inferencefleet.dev"]
   resources: ["inferencefleets"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["inferencefleet.dev"]
   resources: ["inferencefleets/status"]
   verbs: ["patch"]
@@ -24,22 +24,22 @@ no secrets. Server-side apply needs `patch`, and `create` for an object that doe
 - apiGroups: ["inferencefleet.dev"]
   resources: ["inferencefleets/finalizers"]
   verbs: ["update"]
-# The worker Deployment: server-side applied, read for status, watched for prompt status.
+# The children (worker Deployment, batching ConfigMap, headless Service, PodDisruptionBudget):
+# server-side applied, and watched (an index: their status, and whether a same-named object
+# is someone else's). They are deleted by garbage collection through their owner reference.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# Batching ConfigMap, headless Service, PodDisruptionBudget: server-side applied only.
-# Children are deleted by garbage collection through their owner reference, not by us.
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["services", "configmaps"]
-  verbs: ["create", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["create", "patch"]
-# Status reports placement per node from the worker pods.
+  verbs: ["list", "watch", "create", "patch"]
+# Status reports placement per node from the worker pods (an index of them).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

@@ -1,0 +1,1 @@
+"""`inferencefleet tune`: the search for the fleet configuration that fits the hardware."""
