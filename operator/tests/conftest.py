@@ -334,53 +334,5 @@ def start_operator(
 
 
 @pytest.fixture
-def killable_operator(
-    cluster: Any, namespace: str, crds: None, tmp_path: Path
-) -> Iterator[Callable[[str, int], OperatorProcess]]:
-    """start(log, priority): an operator process for this namespace that the test may SIGKILL.
-    At the end: fleets are deleted while the last one started still runs, then every one left
-    is killed; what no operator could finish (finalizers, node claims) is undone by hand."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(log: str, priority: int) -> OperatorProcess:
-        port = _free_port()
-        argv = [
-            str(OPERATOR_BIN), "operator", "--namespace", namespace,
-            "--liveness-host", "127.0.0.1", "--liveness-port", str(port),
-            "--priority", str(priority), "--log-level", "info",
-        ]  # fmt: skip
-        with (tmp_path / log).open("wb") as sink:
-            process = subprocess.Popen(argv, env=cluster.env, stdout=sink, stderr=subprocess.STDOUT)
-        started.append(process)
-        handle = OperatorProcess(process, tmp_path / log, f"http://127.0.0.1:{port}/healthz")
-        wait_until(
-            "the operator's liveness endpoint",
-            lambda: process.poll() is not None or _healthy(handle.liveness),
-            timeout=300,  # a loaded 2-core machine takes minutes to import the operator
-        )
-        assert process.poll() is None, f"operator exited:\n{handle.output()}"
-        return handle
-
-    yield start
-    deleted = (
-        bool(started)
-        and started[-1].poll() is None
-        and (
-            cluster.kubectl(
-                "delete", "inferencefleets", "--all", "-n", namespace, "--timeout=120s", check=False
-            ).returncode
-            == 0
-        )
-    )
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-    if not deleted:
-        _strip_finalizers(cluster, namespace)
-        _release_leftover_claims(cluster, namespace)
-
-
-@pytest.fixture
 def fleets(cluster: Any, namespace: str, operator: OperatorProcess) -> Fleets:
     return Fleets(cluster, namespace)
