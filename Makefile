@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= builtin:resnet18
 
-.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-tune gpu-check bench-local bench-client bench-operator clean chart-sync-crd
+.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-tune gpu-check bench-local bench-client bench-operator bench-chaos-operator clean chart-sync-crd
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench-client: setup ## inferencefleet bench vs perf_analyzer, same worker and co
 
 bench-operator: setup cluster-build ## apply→Ready for 100 replicas, scale latency p50/p99, on the test cluster
 	@$(PY) bench/bench_operator.py
+
+bench-chaos-operator: setup cluster-build ## operator SIGKILLed mid-reconcile (20 rounds), apiserver restart, node deletion: convergence, orphans
+	@$(PY) bench/bench_operator_chaos.py --json chaos-operator.json
 
 chart-sync-crd: ## copy crds/inferencefleet.yaml into the Helm chart (after every CRD change; a test checks they match)
 	@mkdir -p charts/inferencefleet/crds

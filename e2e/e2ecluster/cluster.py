@@ -351,6 +351,25 @@ def stop(processes: list[Proc], timeout: float = 15.0) -> None:
         raise ClusterError(f"could not stop {', '.join(left)}")
 
 
+def restart_component(state: State, name: str, timeout: float = 60.0) -> Proc:
+    """Stop one component (SIGTERM) and start it again with the same command line.
+
+    For faults on purpose, e.g. a kube-apiserver restart under a watching client. The new
+    process replaces the old one in state.json; for the apiserver it returns once /readyz is
+    200 again."""
+    old = next((p for p in state.processes if p.name == name), None)
+    if old is None or not old.alive():
+        raise ClusterError(f"{name} is not running, nothing to restart")
+    argv = Path(f"/proc/{old.pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    stop([old])
+    state.processes.remove(old)
+    state.save()
+    spawn(state, name, [a.decode() for a in argv])
+    if name == "kube-apiserver":
+        wait_for(state, "the restarted apiserver's /readyz", lambda: ready(state), timeout)
+    return next(p for p in state.processes if p.name == name)
+
+
 # ---------------------------------------------------------------- API access
 
 
