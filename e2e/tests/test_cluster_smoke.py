@@ -254,7 +254,9 @@ def test_mps_and_a_renamed_resource(
     finally:
         cluster.kubectl("label", "node", ada, blackwell, f"{LABEL_CONFIG}-")
     wait_for_sharing(cluster, ada, 2, 1, "none", ADA)
-    wait_until("the renamed resource to go", lambda: shared_gpus() == {"nvidia.com/gpu": "1"})
+    # As a kubelet does, the resource whose plugin went away stays in the status at 0.
+    unshared = {"nvidia.com/gpu": "1", "nvidia.com/gpu.shared": "0"}
+    wait_until("the renamed resource to drop to 0", lambda: shared_gpus() == unshared, 90)
 
 
 def test_unknown_profile_key_changes_nothing(cluster: Cluster) -> None:
