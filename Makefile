@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= builtin:resnet18
 
-.PHONY: help setup cluster-build demo test lint typecheck unit proto bench-server bench-tune gpu-check bench-local bench-client bench-operator bench-chaos-operator clean chart-sync-crd
+.PHONY: help setup cluster-build node-deps demo test lint typecheck unit proto bench-server bench-tune gpu-check bench-local bench-client bench-operator bench-chaos-operator clean chart-sync-crd
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -19,7 +19,10 @@ cluster-build: ## build the pinned test-cluster binaries (etcd, kube-*, kwok, he
 demo: setup ## run the main job: a local fleet from examples/fleet.yaml, served and benchmarked
 	@scripts/demo.sh
 
-test: setup cluster-build ## set everything up and run every test: lint, types, unit, integration, e2e
+node-deps: ## install the Debian packages of the test cluster's real node (containerd, runc, CNI, buildah, ...)
+	@e2e/install-node-deps.sh
+
+test: setup cluster-build node-deps ## set everything up and run every test: lint, types, unit, integration, e2e
 	@$(MAKE) --no-print-directory lint typecheck
 	@$(PY) -m pytest
 
