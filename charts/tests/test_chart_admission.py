@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes.client
 import pytest
 import yaml
 from e2ecluster.handle import wait_until
+from kubernetes.client.exceptions import ApiException
 
 pytestmark = pytest.mark.e2e
 
@@ -162,7 +164,28 @@ def test_policy_lets_the_operator_change_only_its_own_node_keys(
     who, node = installed, gpu_node(cluster)
 
     def patch(body: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-        return as_user(cluster, who, "patch", node, "--type=merge", "-p", json.dumps(body))
+        # A merge patch sent straight to the API as `who` (server-side dry run): kubectl patch
+        # reads the node first, and the operator's RBAC has list and watch on nodes, not get.
+        client = kubernetes.client.ApiClient(cluster.api.configuration)
+        client.set_default_header("Impersonate-User", who)
+        try:
+            client.call_api(
+                f"/api/v1/nodes/{node.removeprefix('node/')}",
+                "PATCH",
+                query_params=[("dryRun", "All")],
+                header_params={
+                    "Content-Type": "application/merge-patch+json",
+                    "Accept": "application/json",
+                },
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+            )
+        except ApiException as error:
+            return subprocess.CompletedProcess([], 1, "", str(error.body))
+        finally:
+            client.close()
+        return subprocess.CompletedProcess([], 0, "", "")
 
     product = {"metadata": {"labels": {"nvidia.com/gpu.product": "NVIDIA-H100"}}}
     wait_until(

@@ -109,6 +109,12 @@ def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
                 # 3. apply the example fleet in the restricted namespace.
                 cluster.kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
                 j.wait_until("detector Ready with 2", lambda: is_ready(j.fleet(ns), 2), timeout=180)
+                # The nodes advertise the time-slicing profile a little after they are labelled.
+                j.wait_until(
+                    "detector's profile advertised (GPUSharing True)",
+                    lambda: condition(j.fleet(ns), "GPUSharing").get("status") == "True",
+                    timeout=180,
+                )
                 check_placement(j, ns, replicas=2)
                 check_printer_columns(j, ns)
                 check_left_alone(j, elsewhere)

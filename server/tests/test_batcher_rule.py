@@ -134,9 +134,13 @@ def test_a_partial_batch_waits_for_more() -> None:
     async def body(batcher: Batcher, model: GatedModel) -> None:
         first = batcher.submit(frame(1))
         assert await model.next_batch() == 1
-        second = batcher.submit(frame(2))
+        busy = [batcher.submit(frame(9)), batcher.submit(frame(9, count=2))]  # demand: 3 frames
         model.open()
         await first
+        assert await model.next_batch() == 3
+        second = batcher.submit(frame(2))
+        model.open()
+        await asyncio.gather(*busy)
         await settle()
         assert batcher.queued_frames == 1  # gathering: 1 of 3 frames, the delay not yet over
         third = batcher.submit(frame(3, count=2))  # fills the batch
