@@ -169,17 +169,11 @@ def test_policy_lets_the_operator_change_only_its_own_node_keys(
         client = kubernetes.client.ApiClient(cluster.api.configuration)
         client.set_default_header("Impersonate-User", who)
         try:
-            client.call_api(
-                f"/api/v1/nodes/{node.removeprefix('node/')}",
-                "PATCH",
-                query_params=[("dryRun", "All")],
-                header_params={
-                    "Content-Type": "application/merge-patch+json",
-                    "Accept": "application/json",
-                },
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
+            kubernetes.client.CoreV1Api(client).patch_node(
+                node.removeprefix("node/"),
+                body,
+                dry_run="All",
+                _content_type="application/merge-patch+json",
             )
         except ApiException as error:
             return subprocess.CompletedProcess([], 1, "", str(error.body))
