@@ -265,7 +265,17 @@ def check_past_capacity(j: Any, ns: str) -> None:
             "json",
         ).stdout
     )["items"]
-    offered = sum(4 * int(n["metadata"]["labels"]["nvidia.com/gpu.count"]) for n in nodes)
+
+    def open_to_fleets(node: dict[str, Any]) -> bool:  # the real node's taint keeps fleets off
+        taints = node.get("spec", {}).get("taints") or []
+        return not any(
+            t.get("effect") in ("NoSchedule", "NoExecute") and t.get("key") != "nvidia.com/gpu"
+            for t in taints
+        )
+
+    offered = sum(
+        4 * int(n["metadata"]["labels"]["nvidia.com/gpu.count"]) for n in nodes if open_to_fleets(n)
+    )
     wanted = offered + 1
     j.cluster.kubectl("scale", "-n", ns, "ifleet/detector", f"--replicas={wanted}")
 
