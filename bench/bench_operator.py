@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "e2e"))
 
 from e2ecluster import down, up  # noqa: E402
 from e2ecluster.handle import Cluster  # noqa: E402
+from e2ecluster.nvidia import default_lag  # noqa: E402
 from kubernetes import client  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 
@@ -118,6 +119,7 @@ def start_operator(
         "--namespace", namespace,
         "--liveness-host", "127.0.0.1", "--liveness-port", str(port),
         "--log-level", "warning",
+        "--config-volume-delay", f"{default_lag() + 3:g}",
     ]  # fmt: skip
     with log.open("wb") as sink:
         process = subprocess.Popen(argv, env=cluster.env, stdout=sink, stderr=subprocess.STDOUT)

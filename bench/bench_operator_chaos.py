@@ -92,6 +92,7 @@ class Operator:
             "--namespace", self.namespace,
             "--liveness-host", "127.0.0.1", "--liveness-port", str(port),
             "--standalone", "--log-level", "info",
+            "--config-volume-delay", f"{nvidia.default_lag() + 3:g}",
         ]  # fmt: skip
         log = self.logs / f"operator-{self.starts:02d}.log"
         started = time.monotonic()

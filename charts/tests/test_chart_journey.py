@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from e2ecluster.nvidia import default_lag
 
 pytestmark = pytest.mark.e2e
 
@@ -88,9 +89,11 @@ def test_journey(journey: Any, namespace: str, tmp_path: Path) -> None:
         try:
             # 2. install (it watches its own namespace by default), run the operator with the
             # chart's ServiceAccount (so its RBAC and admission policies apply), helm test.
+            # The test cluster's ConfigMap volumes lag the API by seconds, not a minute.
             install = cluster.helm(
-                "install", RELEASE, str(CHART), "-n", ns, "--wait", "--timeout", "120s"
-            )
+                "install", RELEASE, str(CHART), "-n", ns, "--wait", "--timeout", "120s",
+                "--set", f"devicePlugin.configVolumeDelaySeconds={default_lag() + 3:g}",
+            )  # fmt: skip
             notes = install.stdout.split("NOTES:", 1)[1]
             assert f"kubectl apply -n {ns} -f examples/fleet.yaml" in notes
             assert f"helm test {RELEASE} -n {ns}" in notes

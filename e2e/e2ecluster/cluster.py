@@ -696,6 +696,25 @@ def want_real_node(state_dir: Path) -> bool:
     return False
 
 
+def start_real_node_device_plugin(state: State) -> None:
+    """NVIDIA's config-manager for the real node too: the config it selects sets the device
+    count the node's own device plugin gives the kubelet."""
+    from . import nvidia
+
+    code, text = api_get(state, f"/api/v1/nodes/{realnode.NODE_NAME}")
+    if code != 200:
+        raise ClusterError(f"GET node {realnode.NODE_NAME}: {code} {text[:200]}")
+    nvidia.start_pod(state, json.loads(text))
+
+    def advertised() -> bool:
+        _, body = api_get(state, f"/api/v1/nodes/{realnode.NODE_NAME}")
+        allocatable = json.loads(body).get("status", {}).get("allocatable") or {}
+        gpus = allocatable.get(profile.RESOURCE_GPU)
+        return nvidia.serving(state, realnode.NODE_NAME) and gpus == str(realnode.GPUS)
+
+    wait_for(state, f"{realnode.NODE_NAME}'s device plugin", advertised, 120)
+
+
 def node_ready(state: State, name: str = realnode.NODE_NAME) -> bool:
     code, text = api_get(state, f"/api/v1/nodes/{name}")
     if code != 200:
@@ -771,6 +790,7 @@ def up(
                 wait_for(
                     state, f"real node {realnode.NODE_NAME} Ready", lambda: node_ready(state), 120
                 )
+                start_real_node_device_plugin(state)
             state.complete = True
             state.save()
         except BaseException as e:

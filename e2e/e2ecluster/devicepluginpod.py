@@ -14,6 +14,11 @@ volume (refreshed `lag` seconds behind the API, laid out like the kubelet's atom
 writer), restarts with CrashLoopBackOff (10 s doubling to 300 s, reset after 10 min
 of running), and node status: capacity/allocatable and the feature-discovery labels
 from what the plugin reports; no running plugin means no GPU to allocate.
+
+On the real node (`--devices-file`) the real kubelet owns the node's status: the count
+the plugin reports (GPUs x replicas, 0 without a plugin) goes to the file that the node's
+own device plugin serves to the kubelet over the device plugin API; the labels are
+patched as on kwok nodes.
 """
 
 from __future__ import annotations
@@ -157,8 +162,11 @@ class Container:
 class Node:
     """The node's GPU status: what the running plugin reports, or nothing to allocate."""
 
-    def __init__(self, api: Api, name: str, gpus: int, product: str) -> None:
+    def __init__(
+        self, api: Api, name: str, gpus: int, product: str, devices_file: Path | None = None
+    ) -> None:
         self.api, self.name, self.gpus, self.product = api, name, gpus, product
+        self.devices_file = devices_file  # the real node: its kubelet reads devices from here
         self.lock = threading.Lock()
         self.report: dict[str, Any] | None = None  # None: no plugin serving
 
@@ -177,6 +185,12 @@ class Node:
         if node is None:
             return
         labels_patch, status_patch = node_patches(node, self.gpus, self.product, report)
+        if self.devices_file is not None:
+            count = f"{self.gpus * int(report['replicas']) if report else 0}\n"
+            if not self.devices_file.exists() or self.devices_file.read_text() != count:
+                log(f"node: {count.strip()} devices for the kubelet")
+                self.devices_file.write_text(count)
+            status_patch = {}  # the kubelet writes the status from the device plugin API
         if status_patch:
             log(f"node: status {status_patch}")
             self.api.patch(f"/api/v1/nodes/{self.name}/status", {"status": status_patch})
@@ -223,7 +237,8 @@ class Pod:
         self.volume = ConfigVolume(
             api, args.namespace, args.configmap, self.dir / "available-configs", self.dir / "lag"
         )
-        self.node = Node(api, args.node, args.gpus, args.product)
+        devices = Path(args.devices_file) if args.devices_file else None
+        self.node = Node(api, args.node, args.gpus, args.product, devices)
         (self.dir / "config").mkdir(parents=True, exist_ok=True)
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)
@@ -319,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configmap", required=True)
     parser.add_argument("--default-config", default="")
     parser.add_argument("--fallback-strategies", default="named,single")
+    parser.add_argument(
+        "--devices-file", help="a real node: write the device count here, not the node status"
+    )
     args = parser.parse_args(argv)
     state = State.load(Path(args.state_dir))
     if state is None:

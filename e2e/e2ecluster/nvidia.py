@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import realnode
 from .cluster import E2E, ClusterError, Proc, State, api_get, api_patch, api_send, spawn, stop
 from .profile import LABEL_COUNT, LABEL_PRODUCT, LABEL_REPLICAS, RESOURCE_GPU
 
@@ -71,7 +72,8 @@ def create_configmap(state: State) -> None:
 
 
 def start_pod(state: State, node: dict[str, Any], lag: float | None = None) -> Proc:
-    """Start the node's device-plugin pod; a fresh pod has a fresh `config` emptyDir."""
+    """Start the node's device-plugin pod; a fresh pod has a fresh `config` emptyDir. On the
+    real node it feeds the node's own device plugin (its devices file) instead of the status."""
     name, labels = node["metadata"]["name"], node["metadata"]["labels"]
     d = pod_dir(state, name)
     shutil.rmtree(d, ignore_errors=True)
@@ -94,6 +96,8 @@ def start_pod(state: State, node: dict[str, Any], lag: float | None = None) -> P
         f"--default-config={DEFAULT_CONFIG}",
         f"--fallback-strategies={FALLBACK_STRATEGIES}",
     ]  # fmt: skip
+    if name == realnode.NODE_NAME:
+        argv.append(f"--devices-file={realnode.devices_file(state.dir)}")
     if not shutil.which("unshare"):
         raise ClusterError("unshare (util-linux) not found: each device-plugin pod needs one")
     return spawn(state, POD_PREFIX + name, argv, env={"PYTHONPATH": str(E2E)})

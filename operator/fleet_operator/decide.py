@@ -13,11 +13,18 @@ from typing import Any
 
 from fleet_spec.spec import FleetSpec, FleetSpecError, parse_fleet
 
-from fleet_operator.names import DEVICE_PLUGIN_LABEL, FLEET_LABEL, MANAGED_BY, MANAGED_BY_VALUE
+from fleet_operator.names import (
+    DEVICE_PLUGIN_LABEL,
+    FLEET_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_VALUE,
+    PROFILE_LABEL,
+)
 from fleet_operator.names import fleet_id as make_fleet_id
 from fleet_operator.observe import Observations, profiles_by_node, slots_used
 from fleet_operator.render import Owner, render_children
 from fleet_operator.sharing import (
+    CONFIG_SYNC_WAIT,
     DEFAULT_KEY,
     NO_SHARING_CONFIG,
     ClaimPlan,
@@ -28,6 +35,7 @@ from fleet_operator.sharing import (
     node_view,
     patched,
     plan_claims,
+    profile_key,
     release_patch,
 )
 from fleet_operator.status import Observed, compute_status, condition_events, failed_status
@@ -64,6 +72,7 @@ class Decision:
     status: Mapping[str, Any] | None = None  # None: unchanged
     events: tuple[Event, ...] = ()
     invalid: str | None = None  # the spec cannot work: why
+    waits_for_key_sync: bool = False  # a held node waits for its profile key to reach the volume
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class Settings:
     """What the command line decides for every fleet."""
 
     worker_image: str
+    device_plugin_configmap: str = "nvidia-device-plugin/device-plugin-config"  # "ns/name"
 
 
 def owns(fleet: Mapping[str, Any], child: Mapping[str, Any]) -> bool:
@@ -156,8 +166,10 @@ def _children(
 def _profiles_to_drop(
     obs: Observations, nodes_after: Sequence[NodeView], keep: str | None
 ) -> tuple[str, ...]:
-    """Device plugin keys this operator wrote that no node selects any more."""
+    """Device plugin keys this operator wrote that no node selects any more (nor is held
+    under, waiting to select it)."""
     in_use = {node.labels.get(DEVICE_PLUGIN_LABEL) for node in nodes_after}
+    in_use |= {node.labels.get(PROFILE_LABEL) for node in nodes_after}
     return tuple(
         sorted(
             key
@@ -198,21 +210,30 @@ def decide(obs: Observations, settings: Settings, now: str) -> Decision:
     patches: dict[str, Mapping[str, Any]] = {}
     events: list[Event] = []
     pods_on, used = profiles_by_node(obs.pods), slots_used(obs.other_pods)
-    plan = plan_claims(spec, list(nodes.values()), pods_on, used)
+    config = device_plugin_config(spec.gpu)
+    key = profile_key(spec.gpu)
+    config_ready = obs.synced_keys is None or (
+        key in obs.synced_keys and (obs.device_plugin or {}).get(key) == config
+    )
+    plan = plan_claims(spec, list(nodes.values()), pods_on, used, config_ready)
     stale = _stale_holders(plan, obs)
     if stale:
         for name, view in list(nodes.items()):
             after, dropped = drop_holders(view, stale)
             if dropped:
                 nodes[name], patches[name] = after, dropped
-        plan = plan_claims(spec, list(nodes.values()), pods_on, used)
+        plan = plan_claims(spec, list(nodes.values()), pods_on, used, config_ready)
     claimed, released = [], []
-    for name in plan.claim:
-        claim = claim_patch(nodes[name], me, plan.profile, spec.gpu.shared)
-        if claim:  # None: not ours to take after all; {}: already ours
+    reserve = dict(plan.reserve)
+    for name in plan.hold:
+        claim = claim_patch(
+            nodes[name], me, plan.profile, spec.gpu.shared, config_ready, reserve.get(name)
+        )
+        if claim:  # None: not ours to take after all; {}: already as it should be
             patches[name] = claim
             nodes[name] = patched(nodes[name], claim)
-            claimed.append(name)
+            if name in plan.claim:
+                claimed.append(name)
     for name in plan.release:
         patch = release_patch(nodes[name], me)
         if patch:
@@ -230,7 +251,6 @@ def decide(obs: Observations, settings: Settings, now: str) -> Decision:
     if released:
         events.append(Event("Normal", "NodesReleased", f"gave back {', '.join(released)}"))
 
-    config = device_plugin_config(spec.gpu)
     write: dict[str, str] = {}
     if config is not None and plan.hold and (obs.device_plugin or {}).get(plan.profile) != config:
         write[plan.profile] = config
@@ -247,6 +267,11 @@ def decide(obs: Observations, settings: Settings, now: str) -> Decision:
         pods=obs.pods,
         plan=plan,
         not_owned=tuple(not_owned),
+        configmap_missing=(
+            settings.device_plugin_configmap
+            if spec.gpu.shared and obs.device_plugin is None
+            else None
+        ),
     )
     status = compute_status(spec, observed, previous, now)
     events += [
@@ -262,6 +287,7 @@ def decide(obs: Observations, settings: Settings, now: str) -> Decision:
         children=tuple(applies),
         status=None if status == previous else status,
         events=tuple(events),
+        waits_for_key_sync=any(why == CONFIG_SYNC_WAIT for _, why in plan.pending),
     )
 
 

@@ -19,7 +19,9 @@ import kopf
 
 from fleet_operator.kube import ApiError
 from fleet_operator.names import (
+    CLAIMS_ANNOTATION,
     FLEET_LABEL,
+    GPU_RESOURCE,
     GROUP,
     MANAGED_BY,
     MANAGED_BY_VALUE,
@@ -35,6 +37,8 @@ RESYNC_SECONDS = 30.0  # the timer that looks again, whatever else happens
 
 log = logging.getLogger(__name__)
 _pass_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+_later_tasks: set[asyncio.Task[None]] = set()  # passes scheduled by _again_later
+_node_gpu_state: dict[str, tuple[Any, ...]] = {}  # what the node said about its GPUs last time
 
 
 # --- what the operator watches -----------------------------------------------------------
@@ -120,12 +124,32 @@ def _observe(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, An
 
 
 async def _pass(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, Any]) -> None:
-    """One reconcile pass of a fleet: observe here, decide and act in a thread."""
+    """One reconcile pass of a fleet: observe here, decide and act in a thread. A fleet whose
+    node waits for a new profile key to reach the device plugin's volume is looked at again
+    the moment it may, not at the next timer."""
     reconciler: Reconciler = memo.reconciler
-    key = fleet_id(fleet["metadata"]["namespace"], fleet["metadata"]["name"])
+    meta = fleet["metadata"]
+    key = fleet_id(meta["namespace"], meta["name"])
     async with _pass_locks[key]:
         observations = _observe(fleet, memo, indexes)
-        await asyncio.to_thread(reconciler.reconcile, observations)
+        decision = await asyncio.to_thread(reconciler.reconcile, observations)
+    delay = reconciler.seconds_to_key_sync() if decision.waits_for_key_sync else None
+    if delay is not None:
+        _again_later(meta["namespace"], meta["name"], delay + 0.5, memo, indexes)
+
+
+def _again_later(
+    namespace: str, name: str, delay: float, memo: kopf.Memo, indexes: Mapping[str, Any]
+) -> None:
+    """One more pass of the fleet after `delay` seconds (if it still exists then)."""
+
+    async def later() -> None:
+        await asyncio.sleep(delay)
+        await _look_again(namespace, name, memo, indexes)
+
+    task = asyncio.get_running_loop().create_task(later())
+    _later_tasks.add(task)
+    task.add_done_callback(_later_tasks.discard)
 
 
 async def _guarded(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, Any]) -> None:
@@ -199,12 +223,11 @@ async def fleet_deleted(
 # --- children that move: look again at once, not at the next timer -------------------------
 
 
-async def _child_moved(
-    labels: Mapping[str, str], namespace: str | None, memo: kopf.Memo, indexes: Mapping[str, Any]
+async def _look_again(
+    namespace: str, name: str, memo: kopf.Memo, indexes: Mapping[str, Any]
 ) -> None:
-    name = labels.get(FLEET_LABEL)
-    if not name or not namespace or labels.get(MANAGED_BY) != MANAGED_BY_VALUE:
-        return
+    """A pass of the fleet as the index has it now, unless it is gone, going or backing off;
+    its failures are left to the fleet's own handlers, which retry them."""
     fleet = _one(indexes["fleets_by_name"], (namespace, name))
     if fleet is None or fleet["metadata"].get("deletionTimestamp"):
         return
@@ -212,8 +235,17 @@ async def _child_moved(
         return
     try:
         await _pass(fleet, memo, indexes)
-    except (Retry, SpecInvalid, ApiError) as error:  # the fleet's own handlers retry these
+    except (Retry, SpecInvalid, ApiError) as error:
         log.info("fleet %s/%s: %s", namespace, name, error)
+
+
+async def _child_moved(
+    labels: Mapping[str, str], namespace: str | None, memo: kopf.Memo, indexes: Mapping[str, Any]
+) -> None:
+    name = labels.get(FLEET_LABEL)
+    if not name or not namespace or labels.get(MANAGED_BY) != MANAGED_BY_VALUE:
+        return
+    await _look_again(namespace, name, memo, indexes)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={MANAGED_BY: MANAGED_BY_VALUE})
@@ -233,6 +265,41 @@ async def child_deleted(
     """A child was deleted (by hand, say): make it again now, not at the next timer."""
     if event["type"] == "DELETED":
         await _child_moved(labels, namespace, memo, kwargs)
+
+
+def _gpu_state(node: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a node says about its GPUs that decides a held profile: advertised slots, feature
+    discovery's sharing labels, the config label, its claims, its taints."""
+    meta, status = node.get("metadata") or {}, node.get("status") or {}
+    node_labels = meta.get("labels") or {}
+    gpu = {k: v for k, v in (status.get("allocatable") or {}).items() if k.startswith(GPU_RESOURCE)}
+    return (
+        tuple(sorted(gpu.items())),
+        tuple(sorted((k, v) for k, v in node_labels.items() if k.startswith("nvidia.com/"))),
+        (meta.get("annotations") or {}).get(CLAIMS_ANNOTATION, ""),
+        bool((node.get("spec") or {}).get("unschedulable")),
+        len((node.get("spec") or {}).get("taints") or []),
+    )
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_moved(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A held node starts (or stops) advertising a profile, is cordoned or goes away: the fleets
+    holding it look again now (status, replicas held back), not at the next timer."""
+    name = body.get("metadata", {}).get("name", "")
+    state = None if event["type"] == "DELETED" else _gpu_state(body)
+    if _node_gpu_state.get(name) == state:
+        return
+    before = _node_gpu_state.pop(name, None)
+    if state is not None:
+        _node_gpu_state[name] = state
+    if before is None:
+        return  # first sight (start-up): the fleets' own resume handlers look at everything
+    claimed_by = f"{before[2]},{state[2] if state else ''}"
+    claims = {holder for holder in claimed_by.split(",") if holder}
+    for holder in sorted(claims):
+        namespace, _, fleet_name = holder.partition("/")
+        await _look_again(namespace, fleet_name, memo, kwargs)
 
 
 @kopf.on.probe(id="fleets")

@@ -12,7 +12,7 @@ from fleet_spec.spec import GROUP
 
 from fleet_operator.decide import Settings
 from fleet_operator.kube import ConfigMapRef, KubeApi, connect
-from fleet_operator.reconcile import DEFAULT_WORKER_IMAGE, Reconciler
+from fleet_operator.reconcile import CONFIG_VOLUME_DELAY, DEFAULT_WORKER_IMAGE, Reconciler
 
 DEFAULT_PEERING = "inferencefleet"
 
@@ -43,6 +43,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="nvidia-device-plugin",
         metavar="NS",
         help="the namespace of that ConfigMap (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--config-volume-delay",
+        type=float,
+        default=CONFIG_VOLUME_DELAY,
+        metavar="SECONDS",
+        help="how long the kubelet may take to bring a change of that ConfigMap into the device "
+        "plugin's volume; a node is pointed at a new profile key only after this (default: "
+        "%(default)s, the kubelet's 1 min sync period plus its cache)",
     )
     parser.add_argument(
         "--worker-image",
@@ -126,8 +135,14 @@ def main(argv: list[str]) -> int:
         kube=kube,
         reconciler=Reconciler(
             kube,
-            Settings(worker_image=args.worker_image),
+            Settings(
+                worker_image=args.worker_image,
+                device_plugin_configmap=(
+                    f"{args.device_plugin_namespace}/{args.device_plugin_configmap}"
+                ),
+            ),
             ConfigMapRef(args.device_plugin_configmap, args.device_plugin_namespace),
+            config_volume_delay=args.config_volume_delay,
         ),
         watched=None if args.all_namespaces else tuple(args.namespace),
         peering_name=peering_name,

@@ -32,6 +32,8 @@ SHARED_SUFFIX = "-SHARED"  # feature discovery appends it to the product of a sh
 # Our node bookkeeping: the GPU profile a node runs and the fleets ("ns/name,...") that hold it.
 PROFILE_LABEL = f"{GROUP}/gpu-profile"
 CLAIMS_ANNOTATION = f"{GROUP}/claimed-by"
+# The GPU slots each holder means to use on the node ("ns/name=4,..."), pods not yet made included.
+RESERVED_ANNOTATION = f"{GROUP}/reserved-slots"
 
 GRPC_PORT = 8001
 METRICS_PORT = 8002

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet_operator.names import FLEET_LABEL, PROFILE_LABEL
+from fleet_operator.names import FLEET_LABEL, PROFILE_LABEL, fleet_id
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,9 @@ class Observations:
     fleets: frozenset[str] = frozenset()  # "ns/name" of every fleet in the watched namespaces
     watched: tuple[str, ...] | None = None  # the watched namespaces; None: all of them
     device_plugin: Mapping[str, str] | None = field(default=None)  # None: no ConfigMap yet
+    # Keys of that ConfigMap old enough to be in the device plugin's volume by now; None: the
+    # volume does not lag, so a key written in this pass may be selected in the same pass.
+    synced_keys: frozenset[str] | None = None
 
     def watches(self, namespace: str) -> bool:
         return self.watched is None or namespace in self.watched
@@ -84,9 +87,18 @@ def pod_profile(pod: Mapping[str, Any]) -> str:
     return ""
 
 
-def slots_used(pods: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """Per node, the GPU slots (one per worker pod, terminating ones too) the pods take."""
-    return {node: len(profiles) for node, profiles in profiles_by_node(pods).items()}
+def slots_used(pods: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per node, the GPU slots (one per worker pod, terminating ones too) each fleet's pods
+    take there, by fleet ("ns/name")."""
+    used: dict[str, dict[str, int]] = {}
+    for pod in pods:
+        node = (pod.get("spec") or {}).get("nodeName")
+        fleet = pod_fleet(pod)
+        if node and fleet:
+            holder = fleet_id((pod.get("metadata") or {}).get("namespace", ""), fleet)
+            per_fleet = used.setdefault(node, {})
+            per_fleet[holder] = per_fleet.get(holder, 0) + 1
+    return used
 
 
 def profiles_by_node(pods: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:

@@ -24,6 +24,9 @@ from fleet_operator.status import failed_status
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKER_IMAGE = "ghcr.io/inferencefleet/worker:0.1.0"
+# How long after a ConfigMap change the device plugin's volume may still show the old data: the
+# kubelet's sync period (1 min by default) plus its cache, with a margin.
+CONFIG_VOLUME_DELAY = 90.0
 FIRST_BACKOFF = 5.0  # seconds after a first failure; doubles with each failure in a row
 MAX_BACKOFF = 600.0
 
@@ -112,6 +115,8 @@ class Reconciler:
         settings: Settings,
         device_plugin: ConfigMapRef,
         clock: Callable[[], str] = now_text,
+        config_volume_delay: float = CONFIG_VOLUME_DELAY,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube, self.settings, self.device_plugin, self.clock = (
             kube,
@@ -119,6 +124,10 @@ class Reconciler:
             device_plugin,
             clock,
         )
+        self.config_volume_delay, self._monotonic = config_volume_delay, monotonic
+        # When each key of the device plugin's ConfigMap was first seen (or written) by this
+        # process: a node is pointed at a key only once the kubelet can have synced it.
+        self._key_since: dict[str, float] = {}
         # One pass at a time, for every fleet: fleets claim the same nodes, and each pass
         # must see the claims the one before it wrote.
         self._lock = threading.Lock()
@@ -145,6 +154,36 @@ class Reconciler:
                 current.append(node)
         return current
 
+    def _synced_keys(self, data: Mapping[str, str] | None) -> frozenset[str] | None:
+        """Keys present in the ConfigMap for at least the volume delay (first seen counts as
+        written: after a restart the operator waits once more rather than guess); None when
+        there is no delay."""
+        if self.config_volume_delay <= 0:
+            return None
+        now = self._monotonic()
+        present = set(data or {})
+        for key in list(self._key_since):
+            if key not in present:
+                del self._key_since[key]
+        for key in present:
+            self._key_since.setdefault(key, now)
+        return frozenset(
+            key for key, since in self._key_since.items() if now - since >= self.config_volume_delay
+        )
+
+    def seconds_to_key_sync(self) -> float | None:
+        """Seconds until the next ConfigMap key is old enough to be selected (None: none
+        waits)."""
+        if self.config_volume_delay <= 0:
+            return None
+        now = self._monotonic()
+        waits = [
+            since + self.config_volume_delay - now
+            for since in self._key_since.values()
+            if now - since < self.config_volume_delay
+        ]
+        return max(0.0, min(waits)) if waits else None
+
     def _with_written_status(self, fleet: Mapping[str, Any]) -> Mapping[str, Any]:
         written = self._written.get(fleet["metadata"].get("uid", ""))
         return fleet if written is None else {**fleet, "status": written}
@@ -164,14 +203,18 @@ class Reconciler:
         key = fleet_id(meta["namespace"], meta["name"])
         with self._lock:
             try:
+                data = self.kube.configmap_data(self.device_plugin)
                 obs = replace(
                     obs,
                     fleet=self._with_written_status(obs.fleet),
                     nodes=self._current_nodes(obs.nodes),
-                    device_plugin=self.kube.configmap_data(self.device_plugin),
+                    device_plugin=data,
+                    synced_keys=self._synced_keys(data),
                 )
                 decision = decide(obs, self.settings, self.clock())
                 act(decision, obs.fleet, self.kube, self.device_plugin, self._wrote_node)
+                for key in decision.profiles_to_write:
+                    self._key_since.setdefault(key, self._monotonic())
                 if decision.status is not None:
                     self._written[meta.get("uid", "")] = decision.status
             except ApiError as error:

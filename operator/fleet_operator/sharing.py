@@ -2,9 +2,11 @@
 
 A node runs one GPU profile at a time (`exclusive`, `timeslicing-N` or `mps-N`): the device
 plugin applies sharing per node. A fleet holds a node by adding itself to the node's
-claims annotation and setting the profile label (plus, when shared, the device plugin's
-`nvidia.com/device-plugin.config`). Fleets with the same profile may share a node; a node
-held under another profile is never relabelled: it is reported as a conflict.
+claims annotation, writing the slots it means to use there into the reservations annotation,
+and setting the profile label (plus, when shared and once the device plugin's volume can hold
+the profile's key, `nvidia.com/device-plugin.config`). Fleets with the same profile may share
+a node, each within the slots the others leave; a node held under another profile is never
+relabelled: it is reported as a conflict.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fleet_operator.names import (
     MEMORY_LABEL,
     PRODUCT_LABEL,
     PROFILE_LABEL,
+    RESERVED_ANNOTATION,
     SHARED_SUFFIX,
     fleet_id,
 )
@@ -89,6 +92,11 @@ class NodeView:
     taints: tuple[Mapping[str, Any], ...] = ()
     resource_version: str = ""
     allocatable: Mapping[str, str] = field(default_factory=dict)
+    reserved: Mapping[str, int] = field(default_factory=dict)  # holder -> slots it means to use
+
+    @property
+    def config_label(self) -> str | None:
+        return self.labels.get(DEVICE_PLUGIN_LABEL)
 
     @property
     def product(self) -> str | None:
@@ -127,11 +135,29 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def parse_reserved(text: str) -> dict[str, int]:
+    """The reservations annotation ("ns/a=4,ns/b=2") as holder -> slots; bad entries are
+    left out (they reserve nothing)."""
+    reserved: dict[str, int] = {}
+    for entry in text.split(","):
+        holder, _, slots = entry.partition("=")
+        count = _int(slots)
+        if holder and count is not None and count >= 0:
+            reserved[holder] = count
+    return reserved
+
+
+def format_reserved(reserved: Mapping[str, int]) -> str | None:
+    """The reservations annotation's value (None: remove the annotation)."""
+    return ",".join(f"{holder}={reserved[holder]}" for holder in sorted(reserved)) or None
+
+
 def node_view(node: Mapping[str, Any]) -> NodeView:
     """Read a Node (as a dict, the API's field names) into a NodeView."""
     meta, spec = node.get("metadata", {}), node.get("spec", {})
     node_labels: dict[str, str] = dict(meta.get("labels") or {})
-    claims = (meta.get("annotations") or {}).get(CLAIMS_ANNOTATION, "")
+    annotations = meta.get("annotations") or {}
+    claims = annotations.get(CLAIMS_ANNOTATION, "")
     gpus = _int(node_labels.get(COUNT_LABEL, ""))
     if gpus is None:  # no feature discovery label: the advertised count, unshared
         capacity = node.get("status", {}).get("capacity") or {}
@@ -146,6 +172,7 @@ def node_view(node: Mapping[str, Any]) -> NodeView:
         taints=tuple(spec.get("taints") or ()),
         resource_version=str(meta.get("resourceVersion", "")),
         allocatable=dict((node.get("status") or {}).get("allocatable") or {}),
+        reserved=parse_reserved(annotations.get(RESERVED_ANNOTATION, "")),
     )
 
 
@@ -165,6 +192,8 @@ def not_advertised(gpu: GpuSpec, node: NodeView) -> str | None:
         STRATEGY_LABEL: node.labels.get(STRATEGY_LABEL, "none" if not gpu.shared else "?"),
     }
     wanted = {REPLICAS_LABEL: str(replicas), STRATEGY_LABEL: strategy}
+    if not slots:
+        return f"no device plugin advertises {GPU_RESOURCE} on it"
     if str(node.gpus * replicas) not in slots.values():
         got = ", ".join(f"{k}={v}" for k, v in sorted(slots.items())) or f"no {GPU_RESOURCE}"
         return f"advertises {got}, not {node.gpus * replicas} slots"
@@ -235,6 +264,8 @@ class ClaimPlan:
     mig_refused: tuple[str, ...] = ()  # "node (label=value)": MIG mode, where MPS cannot run
     waiting: tuple[str, ...] = ()  # held under an old profile until the old pods leave
     pending: tuple[tuple[str, str], ...] = ()  # (node, why): held, profile not advertised yet
+    reserve: tuple[tuple[str, int], ...] = ()  # (node, slots) this fleet means to use, held nodes
+    held_back: int = 0  # slots on pending nodes no pod of the fleet uses yet: not asked for
 
     @property
     def applied(self) -> tuple[str, ...]:
@@ -244,8 +275,11 @@ class ClaimPlan:
 
     @property
     def desired_replicas(self) -> int:
-        """Pods to ask for: never more than the held GPUs take, so no pod waits without a word."""
-        return min(self.capacity.slots_needed, self.capacity.slots_available)
+        """Pods to ask for: never more than the held GPUs take, so no pod waits without a word,
+        and none for a node that does not advertise the profile yet (it would get a whole GPU
+        under the old profile)."""
+        ready = self.capacity.slots_available - self.held_back
+        return max(0, min(self.capacity.slots_needed, ready))
 
 
 def _usable(node: NodeView, me: str, key: str) -> bool:
@@ -276,20 +310,31 @@ def _keep_needed(
     return keep, surplus
 
 
+def taken_by_others(node: NodeView, me: str, used: Mapping[str, int]) -> int:
+    """Slots other fleets take on the node: per fleet, its pods there or what it reserved
+    there, whichever is more (a fleet's pods not yet made count through its reservation)."""
+    others = (set(used) | set(node.reserved)) - {me}
+    return sum(max(used.get(f, 0), node.reserved.get(f, 0)) for f in others)
+
+
 def plan_claims(
     spec: FleetSpec,
     nodes: Sequence[NodeView],
     pods_on: Mapping[str, Sequence[str]] | None = None,
-    used: Mapping[str, int] | None = None,
+    used: Mapping[str, Mapping[str, int]] | None = None,
+    config_ready: bool = True,
 ) -> ClaimPlan:
     """Decide which nodes the fleet holds: keep what it has and still needs, add usable nodes
     until it fits. `pods_on` names, per node, the profile each pod of the fleet there was
-    placed under ("" when not known); `used` the slots other fleets' pods take per node."""
+    placed under ("" when not known); `used` per node the pods each other fleet runs there;
+    `config_ready`: the device plugin's volume can hold the profile's key by now, so nodes
+    may be switched to it."""
     me, key = fleet_id(spec.namespace, spec.name), profile_key(spec.gpu)
     pods_on, used = pods_on or {}, used or {}
 
     def free(node: NodeView) -> int:
-        return max(0, host_slots(spec, node.host()) - used.get(node.name, 0))
+        taken = taken_by_others(node, me, used.get(node.name, {}))
+        return max(0, host_slots(spec, node.host()) - taken)
 
     refused = {
         n.name: n.mig
@@ -346,6 +391,14 @@ def plan_claims(
     taken = sum(host_slots(spec, n.host()) - free(n) for n in hold)
     if taken:  # slots other fleets' pods take on the nodes held
         capacity = replace(capacity, slots_available=capacity.slots_available - taken)
+    reserve = _reserve(hold, pods_on, free, spec.replicas)
+    pending = _pending(spec.gpu, hold, claim, config_ready)
+    waiting_for = {node for node, _ in pending}
+    held_back = sum(
+        max(0, free(node) - len(pods_on.get(node.name, ())))
+        for node in hold
+        if node.name in waiting_for
+    )
     return ClaimPlan(
         profile=key,
         hold=tuple(sorted(n.name for n in hold)),
@@ -355,53 +408,111 @@ def plan_claims(
         capacity=capacity,
         mig_refused=tuple(f"{name} ({label})" for name, label in sorted(refused.items())),
         waiting=tuple(sorted(waiting)),
-        pending=_pending(spec.gpu, hold, claim),
+        pending=pending,
+        reserve=reserve,
+        held_back=held_back,
     )
 
 
-def _pending(gpu: GpuSpec, hold: Sequence[NodeView], claim: Sequence[str]) -> tuple[Any, ...]:
+def _reserve(
+    hold: Sequence[NodeView],
+    pods_on: Mapping[str, Sequence[str]],
+    free: Callable[[NodeView], int],
+    replicas: int,
+) -> tuple[tuple[str, int], ...]:
+    """The slots to reserve on each held node: the replicas spread over the nodes the fleet's
+    pods run on first, then the others by name, each node up to what the others leave."""
+    order = sorted(hold, key=lambda n: (not pods_on.get(n.name), n.name))
+    reserve: dict[str, int] = {}
+    left = replicas
+    for node in order:
+        reserve[node.name] = min(free(node), left)
+        left -= reserve[node.name]
+    return tuple(sorted(reserve.items()))
+
+
+CONFIG_SYNC_WAIT = (
+    "waiting for the kubelet to bring the profile's key into the device plugin's ConfigMap "
+    "volume before labelling the node"
+)
+
+
+def _pending(
+    gpu: GpuSpec, hold: Sequence[NodeView], claim: Sequence[str], config_ready: bool
+) -> tuple[Any, ...]:
     """(node, why) for each held node that does not advertise the shared profile yet."""
     if not gpu.shared:
         return ()  # exclusive is what a node without the config label runs
+    key = profile_key(gpu)
     pending: list[tuple[str, str]] = []
     for node in sorted(hold, key=lambda n: n.name):
-        why = "labelled now" if node.name in claim else not_advertised(gpu, node)
+        if node.config_label != key and not config_ready:
+            why: str | None = CONFIG_SYNC_WAIT
+        elif node.name in claim or node.config_label != key:
+            why = "labelled now"
+        else:
+            why = not_advertised(gpu, node)
         if why is not None:
             pending.append((node.name, why))
     return tuple(pending)
 
 
-def claim_patch(node: NodeView, me: str, key: str, shared: bool) -> dict[str, Any] | None:
-    """The node patch that makes `me` hold it under `key`; None if the node is no longer usable."""
+def claim_patch(
+    node: NodeView,
+    me: str,
+    key: str,
+    shared: bool,
+    config_ready: bool = True,
+    reserve: int | None = None,
+) -> dict[str, Any] | None:
+    """The node patch that makes `me` hold it under `key` (reserving `reserve` slots when
+    given); None if the node is no longer usable. The device plugin's config label is set only
+    once `config_ready` (its volume can hold the key), and never taken off a node that has it."""
     if not _usable(node, me, key):
         return None
     claims = ",".join(sorted(node.claims | {me}))
-    config_label = key if shared else None
+    if not shared:
+        config_label = None
+    elif config_ready or node.config_label == key:
+        config_label = key
+    else:
+        config_label = None
+    reserved = dict(node.reserved)
+    if reserve is not None:
+        reserved[me] = reserve
     if (
         node.profile == key
-        and node.labels.get(DEVICE_PLUGIN_LABEL) == config_label
+        and node.config_label == config_label
         and me in node.claims
+        and reserved == node.reserved
     ):
         return {}
+    annotations: dict[str, str | None] = {CLAIMS_ANNOTATION: claims}
+    if reserved != node.reserved:
+        annotations[RESERVED_ANNOTATION] = format_reserved(reserved)
     return {
         "metadata": {
             "resourceVersion": node.resource_version,
             "labels": {PROFILE_LABEL: key, DEVICE_PLUGIN_LABEL: config_label},
-            "annotations": {CLAIMS_ANNOTATION: claims},
+            "annotations": annotations,
         }
     }
 
 
 def release_patch(node: NodeView, me: str) -> dict[str, Any]:
     """The node patch that gives `me`'s hold back; the last holder removes the profile labels."""
-    if me not in node.claims:
+    if me not in node.claims and me not in node.reserved:
         return {}
     rest = node.claims - {me}
+    reserved = {holder: n for holder, n in node.reserved.items() if holder != me}
     if rest:
+        annotations: dict[str, str | None] = {CLAIMS_ANNOTATION: ",".join(sorted(rest))}
+        if reserved != node.reserved:
+            annotations[RESERVED_ANNOTATION] = format_reserved(reserved)
         return {
             "metadata": {
                 "resourceVersion": node.resource_version,
-                "annotations": {CLAIMS_ANNOTATION: ",".join(sorted(rest))},
+                "annotations": annotations,
             }
         }
     label_patch: dict[str, str | None] = {PROFILE_LABEL: None}
@@ -411,7 +522,7 @@ def release_patch(node: NodeView, me: str) -> dict[str, Any]:
         "metadata": {
             "resourceVersion": node.resource_version,
             "labels": label_patch,
-            "annotations": {CLAIMS_ANNOTATION: None},
+            "annotations": {CLAIMS_ANNOTATION: None, RESERVED_ANNOTATION: None},
         }
     }
 
@@ -425,11 +536,13 @@ def patched(node: NodeView, patch: Mapping[str, Any]) -> NodeView:
             labels.pop(key, None)
         else:
             labels[key] = value
-    claims = node.claims
+    claims, reserved = node.claims, node.reserved
     annotations = meta.get("annotations") or {}
     if CLAIMS_ANNOTATION in annotations:
         claims = frozenset(c for c in (annotations[CLAIMS_ANNOTATION] or "").split(",") if c)
-    return replace(node, labels=labels, claims=claims)
+    if RESERVED_ANNOTATION in annotations:
+        reserved = parse_reserved(annotations[RESERVED_ANNOTATION] or "")
+    return replace(node, labels=labels, claims=claims, reserved=reserved)
 
 
 def drop_holders(node: NodeView, holders: Iterable[str]) -> tuple[NodeView, dict[str, Any]]:

@@ -22,6 +22,7 @@ class Observed:
     pods: Sequence[Mapping[str, Any]]
     plan: ClaimPlan
     not_owned: tuple[str, ...] = ()  # children's names taken by objects this fleet does not own
+    configmap_missing: str | None = None  # "ns/name" of the device plugin's ConfigMap, not found
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
@@ -94,7 +95,7 @@ def observed_generation(observed: Observed, previous: Mapping[str, Any]) -> int 
     return int(old) if old is not None else None
 
 
-def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
+def _sharing_condition(plan: ClaimPlan, configmap_missing: str | None) -> dict[str, Any]:
     if plan.mig_refused and not plan.capacity.fits:
         return _condition(
             "GPUSharing",
@@ -110,6 +111,17 @@ def _sharing_condition(plan: ClaimPlan) -> dict[str, Any]:
             False,
             "ProfileConflict",
             f"needs nodes with profile {plan.profile}, but {held}; those nodes are left alone",
+        )
+    if configmap_missing:
+        return _condition(
+            "GPUSharing",
+            False,
+            "DevicePluginConfigMissing",
+            f"the device plugin's ConfigMap {configmap_missing} does not exist: the operator "
+            "creates it with a key that shares nothing, but a device plugin started without it "
+            "never reads it; install NVIDIA's device plugin with config.name (or the GPU "
+            "Operator with devicePlugin.config.name) set to it, or set the chart's "
+            "devicePlugin.createConfigMap, then restart the device plugin pods",
         )
     if plan.waiting:
         return _condition(
@@ -189,7 +201,7 @@ def compute_status(
             capacity.message() if short else f"{counts['readyReplicas']}/{desired} pods ready",
         ),
         _condition("GPUCapacity", capacity.fits, capacity.reason, capacity.message()),
-        _sharing_condition(plan),
+        _sharing_condition(plan, observed.configmap_missing),
         _owned_condition(observed.not_owned),
     ]
     status: dict[str, Any] = {

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from e2ecluster.handle import wait_until
+from e2ecluster.nvidia import default_lag
 
 INVALID_FLEETS_FILE = Path(__file__).with_name("invalid_fleets.yaml")
 
@@ -234,11 +235,17 @@ def _release_leftover_claims(cluster: Any, namespace: str) -> None:
     for node in core.list_node().items:
         annotations = node.metadata.annotations or {}
         claims = [c for c in annotations.get(CLAIMS, "").split(",") if c]
+        reserved = [r for r in annotations.get(RESERVED, "").split(",") if r]
         mine = [c for c in claims if c.startswith(f"{namespace}/")]
         if not mine:
             continue
         rest = [c for c in claims if c not in mine]
-        patch: dict[str, Any] = {"metadata": {"annotations": {CLAIMS: ",".join(rest) or None}}}
+        kept = [r for r in reserved if not r.startswith(f"{namespace}/")]
+        patch: dict[str, Any] = {
+            "metadata": {
+                "annotations": {CLAIMS: ",".join(rest) or None, RESERVED: ",".join(kept) or None}
+            }
+        }
         if not rest:
             patch["metadata"]["labels"] = {
                 "inferencefleet.dev/gpu-profile": None,
@@ -248,6 +255,7 @@ def _release_leftover_claims(cluster: Any, namespace: str) -> None:
 
 
 CLAIMS = "inferencefleet.dev/claimed-by"
+RESERVED = "inferencefleet.dev/reserved-slots"
 
 
 def _strip_finalizers(cluster: Any, namespace: str) -> None:
@@ -277,6 +285,8 @@ def run_operator(
         "--liveness-host", "127.0.0.1",
         "--liveness-port", str(port),
         "--log-level", "info",
+        # The test cluster's ConfigMap volumes lag the API by seconds (see e2ecluster.nvidia).
+        "--config-volume-delay", f"{default_lag() + 3:g}",
         *extra,
     ]  # fmt: skip
     env = dict(cluster.env)
@@ -335,4 +345,10 @@ def start_operator(
 
 @pytest.fixture
 def fleets(cluster: Any, namespace: str, operator: OperatorProcess) -> Fleets:
+    return Fleets(cluster, namespace)
+
+
+@pytest.fixture
+def fleet_ops(cluster: Any, namespace: str) -> Fleets:
+    """Fleet operations for tests that start their own operator (start_operator)."""
     return Fleets(cluster, namespace)

@@ -18,6 +18,7 @@ from fleet_operator.names import (
     MANAGED_BY,
     MANAGED_BY_VALUE,
     PROFILE_LABEL,
+    RESERVED_ANNOTATION,
 )
 from fleet_operator.reconcile import Reconciler, Retry, SpecInvalid
 
@@ -67,7 +68,10 @@ def kube() -> FakeKube:
 
 @pytest.fixture
 def reconciler(kube: FakeKube) -> Reconciler:
-    return Reconciler(kube, Settings(worker_image="worker:1"), PLUGIN, clock=lambda: NOW)
+    """A reconciler for a cluster whose ConfigMap volumes do not lag (delay 0)."""
+    return Reconciler(
+        kube, Settings(worker_image="worker:1"), PLUGIN, clock=lambda: NOW, config_volume_delay=0
+    )
 
 
 def run(reconciler: Reconciler, kube: FakeKube, name: str = "detector") -> None:
@@ -88,9 +92,13 @@ def test_first_pass_claims_renders_and_reports(kube: FakeKube, reconciler: Recon
     assert "timeslicing-2" in kube.configmaps[PLUGIN]
     kinds = sorted(kind for kind, ns, _ in kube.objects if ns == "vision")
     assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
-    assert kube.objects[("Deployment", "vision", "detector")]["spec"]["replicas"] == 2
+    # No pod before the node advertises the profile: it would get a whole GPU meanwhile.
+    assert kube.objects[("Deployment", "vision", "detector")]["spec"]["replicas"] == 0
     assert kube.fleet("vision", "detector")["status"]["gpu"]["nodes"] == ["ada-0"]
     assert ("vision/detector", "Normal", "NodesClaimed") in [e[:3] for e in kube.events]
+    advertise(kube, "ada-0", 2, "time-slicing")
+    run(reconciler, kube)
+    assert kube.objects[("Deployment", "vision", "detector")]["spec"]["replicas"] == 2
 
 
 def test_a_pass_at_rest_writes_nothing(kube: FakeKube, reconciler: Reconciler) -> None:
@@ -126,6 +134,7 @@ def test_a_child_deleted_by_hand_is_recreated(kube: FakeKube, reconciler: Reconc
 def test_a_child_edited_by_hand_is_put_back(kube: FakeKube, reconciler: Reconciler) -> None:
     kube.add_fleet(fleet())
     run(reconciler, kube)
+    advertise(kube, "ada-0", 2, "time-slicing")
     kube.objects[("Deployment", "vision", "detector")]["spec"]["replicas"] = 7
     run(reconciler, kube)
     assert kube.objects[("Deployment", "vision", "detector")]["spec"]["replicas"] == 2
@@ -361,7 +370,7 @@ def advertise(kube: FakeKube, name: str, replicas: int, strategy: str) -> None:
 @pytest.mark.parametrize(
     ("replicas", "strategy", "reason", "pending"),
     [
-        (None, None, "ProfilePending", "advertises no nvidia.com/gpu, not 4 slots"),
+        (None, None, "ProfilePending", "no device plugin advertises nvidia.com/gpu on it"),
         (1, "none", "ProfilePending", "advertises nvidia.com/gpu=2, not 4 slots"),
         (2, "mps", "ProfilePending", "advertises nvidia.com/gpu.sharing-strategy=mps"),
         (2, "time-slicing", "ProfileApplied", None),
@@ -396,3 +405,50 @@ def test_passes_see_the_claims_written_before_the_watch_shows_them(
     reconciler.reconcile(stale)  # no conflict: the pass uses the node "one" wrote
     claims = kube.nodes["ada-0"]["metadata"]["annotations"][CLAIMS_ANNOTATION]
     assert claims == "vision/one,vision/two"
+
+
+def test_a_new_profile_key_is_selected_only_after_the_volume_delay(kube: FakeKube) -> None:
+    """config-manager exits on a label naming a key its (lagging) volume does not have yet: the
+    node is held at once, but pointed at the key only once the volume can carry it."""
+    clock = [1000.0]
+    reconciler = Reconciler(
+        kube,
+        Settings(worker_image="worker:1"),
+        PLUGIN,
+        clock=lambda: NOW,
+        config_volume_delay=60,
+        monotonic=lambda: clock[0],
+    )
+    kube.add_fleet(fleet())
+    run(reconciler, kube)
+    meta = kube.nodes["ada-0"]["metadata"]
+    assert "timeslicing-2" in kube.configmaps[PLUGIN]
+    assert meta["annotations"][CLAIMS_ANNOTATION] == "vision/detector"
+    assert meta["labels"][PROFILE_LABEL] == "timeslicing-2"
+    assert DEVICE_PLUGIN_LABEL not in meta["labels"]
+    pending = kube.fleet("vision", "detector")["status"]["gpu"]["pending"]
+    assert pending[0]["reason"].startswith("waiting for the kubelet")
+    assert kube.objects[("Deployment", "vision", "detector")]["spec"]["replicas"] == 0
+    clock[0] += 59
+    run(reconciler, kube)
+    assert DEVICE_PLUGIN_LABEL not in kube.nodes["ada-0"]["metadata"]["labels"]
+    clock[0] += 1
+    run(reconciler, kube)
+    assert kube.nodes["ada-0"]["metadata"]["labels"][DEVICE_PLUGIN_LABEL] == "timeslicing-2"
+
+
+def test_two_fleets_of_one_profile_never_reserve_more_than_a_node_has(kube: FakeKube) -> None:
+    """The second fleet counts the first one's pods not made yet (its reservation)."""
+    reconciler = Reconciler(
+        kube, Settings(worker_image="worker:1"), PLUGIN, clock=lambda: NOW, config_volume_delay=0
+    )
+    kube.add_node(node("ada-1"))
+    kube.add_fleet(fleet("one", replicas=3))  # ada nodes: 2 GPUs x 2 = 4 slots each
+    kube.add_fleet(fleet("two", replicas=3))
+    run(reconciler, kube, "one")
+    run(reconciler, kube, "two")
+    reserved = {
+        name: kube.nodes[name]["metadata"]["annotations"].get(RESERVED_ANNOTATION)
+        for name in ("ada-0", "ada-1")
+    }
+    assert reserved == {"ada-0": "vision/one=3,vision/two=1", "ada-1": "vision/two=2"}

@@ -6,12 +6,18 @@ from typing import Any
 
 import pytest
 import yaml
-from fleet_operator.names import CLAIMS_ANNOTATION, DEVICE_PLUGIN_LABEL, PROFILE_LABEL
+from fleet_operator.names import (
+    CLAIMS_ANNOTATION,
+    DEVICE_PLUGIN_LABEL,
+    PROFILE_LABEL,
+    RESERVED_ANNOTATION,
+)
 from fleet_operator.sharing import (
     NodeView,
     claim_patch,
     device_plugin_config,
     node_view,
+    patched,
     plan_claims,
     profile_key,
     release_patch,
@@ -31,6 +37,9 @@ def _node(
         **extra.pop("labels", {}),
     }
     annotations = {CLAIMS_ANNOTATION: extra.pop("claims")} if "claims" in extra else {}
+    if "reserved" in extra:
+        annotations[RESERVED_ANNOTATION] = extra.pop("reserved")
+    status = {"allocatable": extra.pop("allocatable")} if "allocatable" in extra else {}
     raw = {
         "metadata": {
             "name": name,
@@ -39,6 +48,7 @@ def _node(
             "resourceVersion": "7",
         },
         "spec": extra,
+        "status": status,
     }
     return node_view(raw)
 
@@ -89,8 +99,80 @@ def test_a_small_fleet_claims_one_free_node() -> None:
     assert plan.claim == ("ada-0",)
     assert plan.hold == ("ada-0",)
     assert plan.capacity.slots_available == 8
-    assert plan.desired_replicas == 8
+    assert plan.reserve == (("ada-0", 8),)
+    # No pod until the node advertises the profile: it would get a whole GPU meanwhile.
+    assert plan.desired_replicas == 0
+    assert plan.pending == (("ada-0", "labelled now"),)
     assert not plan.conflicts
+    shared = {PROFILE_LABEL: "timeslicing-4", DEVICE_PLUGIN_LABEL: "timeslicing-4"}
+    advertising = _node(
+        "ada-0",
+        labels={
+            **shared,
+            "nvidia.com/gpu.replicas": "4",
+            "nvidia.com/gpu.sharing-strategy": "time-slicing",
+        },
+        claims="ns/a",
+        reserved="ns/a=8",
+        allocatable={"nvidia.com/gpu": "8"},
+    )
+    plan = plan_claims(_fleet(replicas=8), [advertising, _node("ada-1")])
+    assert (plan.hold, plan.claim, plan.pending) == (("ada-0",), (), ())
+    assert plan.desired_replicas == 8
+
+
+def test_pods_already_on_a_node_that_stops_advertising_are_kept() -> None:
+    """A device plugin restart takes the slots away for a while: no pod is scaled away."""
+    shared = {PROFILE_LABEL: "timeslicing-4", DEVICE_PLUGIN_LABEL: "timeslicing-4"}
+    node = _node("ada-0", labels=shared, claims="ns/a", reserved="ns/a=8")
+    plan = plan_claims(_fleet(replicas=8), [node], pods_on={"ada-0": ["timeslicing-4"] * 5})
+    assert plan.pending
+    assert plan.pending[0][1] == "no device plugin advertises nvidia.com/gpu on it"
+    assert plan.desired_replicas == 5
+
+
+def test_reservations_of_other_fleets_count_before_their_pods_exist() -> None:
+    """Two same-profile fleets on one node: the second sees the slots the first reserved, not
+    only the pods the first has made so far."""
+    shared = {PROFILE_LABEL: "timeslicing-4", DEVICE_PLUGIN_LABEL: "timeslicing-4"}
+    first = _node("ada-0", labels=shared, claims="ns/b", reserved="ns/b=6")
+    plan = plan_claims(_fleet(replicas=4), [first, _node("ada-1")], used={"ada-0": {"ns/b": 2}})
+    assert dict(plan.reserve) == {"ada-0": 2, "ada-1": 2}
+    assert plan.hold == ("ada-0", "ada-1")
+    # More pods than reserved (a scale-down not finished): the pods count.
+    plan = plan_claims(_fleet(replicas=4), [first], used={"ada-0": {"ns/b": 7}})
+    assert dict(plan.reserve) == {"ada-0": 1}
+    assert plan.capacity.slots_available == 1
+
+
+def test_a_new_key_is_not_selected_before_the_volume_can_hold_it() -> None:
+    node = _node("ada-0")
+    plan = plan_claims(_fleet(replicas=2), [node], config_ready=False)
+    assert plan.hold == ("ada-0",)
+    assert plan.pending[0][1].startswith("waiting for the kubelet")
+    patch = claim_patch(node, "ns/a", "timeslicing-4", True, config_ready=False, reserve=2)
+    assert patch is not None
+    labels = patch["metadata"]["labels"]
+    assert labels == {PROFILE_LABEL: "timeslicing-4", DEVICE_PLUGIN_LABEL: None}
+    assert patch["metadata"]["annotations"][RESERVED_ANNOTATION] == "ns/a=2"
+    # Once the key is old enough the label follows; a node that has it keeps it either way.
+    held = patched(node, patch)
+    later = claim_patch(held, "ns/a", "timeslicing-4", True, config_ready=True, reserve=2)
+    assert later is not None
+    assert later["metadata"]["labels"][DEVICE_PLUGIN_LABEL] == "timeslicing-4"
+    labelled = patched(held, later)
+    assert claim_patch(labelled, "ns/a", "timeslicing-4", True, config_ready=False, reserve=2) == {}
+
+
+def test_release_drops_the_fleets_reservation() -> None:
+    node = _node("ada-0", claims="ns/a,ns/b", reserved="ns/a=2,ns/b=3")
+    patch = release_patch(node, "ns/a")
+    assert patch["metadata"]["annotations"] == {
+        CLAIMS_ANNOTATION: "ns/b",
+        RESERVED_ANNOTATION: "ns/b=3",
+    }
+    last = release_patch(patched(node, patch), "ns/b")
+    assert last["metadata"]["annotations"] == {CLAIMS_ANNOTATION: None, RESERVED_ANNOTATION: None}
 
 
 def test_a_fleet_prefers_nodes_that_already_run_its_profile() -> None:
@@ -117,7 +199,7 @@ def test_another_profile_is_a_conflict_never_an_override() -> None:
 
 def test_a_conflict_is_reported_even_when_the_other_profile_fills_the_node() -> None:
     other = {"labels": {PROFILE_LABEL: "mps-2", DEVICE_PLUGIN_LABEL: "mps-2"}, "claims": "ns/b"}
-    plan = plan_claims(_fleet(replicas=2), [_node("ada-0", **other)], used={"ada-0": 8})
+    plan = plan_claims(_fleet(replicas=2), [_node("ada-0", **other)], used={"ada-0": {"ns/b": 8}})
     assert plan.claim == ()
     assert [c.describe() for c in plan.conflicts] == ["ada-0 runs mps-2 (ns/b)"]
 
@@ -222,7 +304,7 @@ def test_the_last_holder_removes_the_labels() -> None:
     assert release_patch(one, "ns/a")["metadata"] == {
         "resourceVersion": "7",
         "labels": {PROFILE_LABEL: None, DEVICE_PLUGIN_LABEL: None},
-        "annotations": {CLAIMS_ANNOTATION: None},
+        "annotations": {CLAIMS_ANNOTATION: None, RESERVED_ANNOTATION: None},
     }
     assert release_patch(_node("ada-0"), "ns/a") == {}
 
@@ -302,9 +384,13 @@ def test_mps_is_refused_on_gpus_in_mig_mode(labels: dict[str, str], refused: boo
 
 def test_slots_other_fleets_use_are_not_counted_free() -> None:
     nodes = [_node("n0", claims="ns/other", labels={PROFILE_LABEL: "timeslicing-4"}), _node("n1")]
-    plan = plan_claims(_fleet(replicas=8), nodes, {}, {"n0": 8})  # n0's 8 slots are taken
+    plan = plan_claims(
+        _fleet(replicas=8), nodes, {}, {"n0": {"ns/other": 8}}
+    )  # n0's 8 slots are taken
     assert list(plan.hold) == ["n1"]
     assert plan.capacity.slots_available == 8
-    shared = plan_claims(_fleet(replicas=8), nodes, {}, {"n0": 6})  # 2 left on n0, 6 from n1
+    shared = plan_claims(
+        _fleet(replicas=8), nodes, {}, {"n0": {"ns/other": 6}}
+    )  # 2 left on n0, 6 from n1
     assert list(shared.hold) == ["n0", "n1"]
     assert shared.capacity.slots_available == 10

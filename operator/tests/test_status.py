@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleet_operator.names import CLAIMS_ANNOTATION, PROFILE_LABEL
+from fleet_operator.names import CLAIMS_ANNOTATION, DEVICE_PLUGIN_LABEL, PROFILE_LABEL
 from fleet_operator.sharing import node_view, plan_claims
 from fleet_operator.status import Observed, compute_status, condition_events, failed_status
 from fleet_spec.spec import FleetSpec, GpuSpec, ModelSpec
@@ -24,15 +24,23 @@ def _spec(replicas: int = 4) -> FleetSpec:
     )
 
 
-def _node(name: str, held: bool = True) -> Any:
+def _node(name: str, held: bool = True, advertises: bool = True) -> Any:
+    """An Ada node with one GPU; held by fleet f, and then (unless not `advertises`) running
+    its profile as the device plugin and feature discovery report it."""
     meta: dict[str, Any] = {
         "name": name,
         "labels": {"nvidia.com/gpu.product": ADA, "nvidia.com/gpu.count": "1"},
     }
+    status: dict[str, Any] = {}
     if held:
         meta["labels"][PROFILE_LABEL] = "timeslicing-4"
         meta["annotations"] = {CLAIMS_ANNOTATION: "ns/f"}
-    return node_view({"metadata": meta})
+    if held and advertises:
+        meta["labels"][DEVICE_PLUGIN_LABEL] = "timeslicing-4"
+        meta["labels"]["nvidia.com/gpu.replicas"] = "4"
+        meta["labels"]["nvidia.com/gpu.sharing-strategy"] = "time-slicing"
+        status["allocatable"] = {"nvidia.com/gpu": "4"}
+    return node_view({"metadata": meta, "status": status})
 
 
 def _deployment(
@@ -86,8 +94,8 @@ def test_all_ready_fleet() -> None:
         "slotsAvailable": 4,
         "memoryNeededMiBPerGPU": 4 * 2 * 2048,
         "nodes": ["ada-0"],
-        "applied": [],
-        "pending": [{"node": "ada-0", "reason": "advertises no nvidia.com/gpu, not 4 slots"}],
+        "applied": ["ada-0"],
+        "pending": [],
         "summary": "4/4",
     }
     assert _conditions(status) == {
@@ -95,10 +103,30 @@ def test_all_ready_fleet() -> None:
         "Progressing": ("False", "Complete"),
         "Degraded": ("False", "AsExpected"),
         "GPUCapacity": ("True", "Fits"),
-        "GPUSharing": ("False", "ProfilePending"),
+        "GPUSharing": ("True", "ProfileApplied"),
         "ChildrenOwned": ("True", "AllOwned"),
     }
     assert all(c["observedGeneration"] == 2 for c in status["conditions"])
+
+
+def test_a_node_not_advertising_holds_the_replicas_back_and_says_why() -> None:
+    spec = _spec(4)
+    observed = _observe(spec, _deployment(0, 0), nodes=[_node("ada-0", advertises=False)])
+    status = compute_status(spec, observed, {}, NOW)
+    assert observed.plan.desired_replicas == 0
+    assert _conditions(status)["GPUSharing"] == ("False", "ProfilePending")
+    assert status["gpu"]["pending"] == [{"node": "ada-0", "reason": "labelled now"}]
+
+
+def test_a_missing_device_plugin_configmap_is_a_condition_naming_it() -> None:
+    spec = _spec(4)
+    observed = _observe(spec, _deployment(4, 4))
+    missing = Observed(**{**observed.__dict__, "configmap_missing": "gpu/plugin-config"})
+    condition = next(
+        c for c in compute_status(spec, missing, {}, NOW)["conditions"] if c["type"] == "GPUSharing"
+    )
+    assert (condition["status"], condition["reason"]) == ("False", "DevicePluginConfigMissing")
+    assert "gpu/plugin-config" in condition["message"]
 
 
 def test_rolling_out_is_progressing_not_ready() -> None:

@@ -108,6 +108,7 @@ The operator's command-line arguments (after `inferencefleet operator`).
 {{- end }}
 - --device-plugin-configmap={{ .Values.devicePlugin.configMapName }}
 - --device-plugin-namespace={{ .Values.devicePlugin.namespace }}
+- --config-volume-delay={{ .Values.devicePlugin.configVolumeDelaySeconds }}
 - --worker-image={{ include "inferencefleet.workerImage" . }}
 - --liveness-port={{ .Values.healthPort }}
 - --standalone
