@@ -327,7 +327,7 @@ def kill_rounds(
             f"round {number:2d}: {'converged' if converged else 'NOT converged'} "
             f"{seconds:6.1f} s after the restart (live after {operator.live_after_s:.1f} s); "
             f"killed {delay:.2f} s after {before}, "
-            f"then {while_down}",
+            f"then {while_down}" + ("" if converged else f"; left: {results[-1]['problems']}"),
             flush=True,
         )
     ok = [r for r in results if r["converged"]]

@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # The operator image: `inferencefleet operator` (kopf). It installs the project's `operator`
-# extra at the locked versions, and nothing else: no PyTorch, no gRPC.
+# extra at the locked versions, and nothing else: no PyTorch, no gRPC. The dependencies and the
+# project's own code are separate layers: an edit of the code rebuilds only the small one.
 #
 #   docker build -f docker/operator.Dockerfile -t REGISTRY/inferencefleet-operator:TAG .
 #   docker push REGISTRY/inferencefleet-operator:TAG
@@ -8,20 +9,33 @@
 #       --set image.tag=TAG
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+# The operator extra's dependencies, resolved from the project's metadata alone (empty package
+# folders and README), at the locked versions.
+FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/inferencefleet
-COPY requirements.lock pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml ./
+RUN mkdir server operator && touch README.md \
+ && /opt/inferencefleet/bin/pip install --constraint requirements.lock ".[operator]" \
+ && /opt/inferencefleet/bin/pip uninstall --yes inferencefleet
+
+# The project itself, as a wheel without dependencies.
+FROM deps AS wheel
+COPY README.md ./
 COPY server/ server/
 COPY operator/ operator/
-COPY crds/inferencefleet.yaml /opt/inferencefleet/crds/inferencefleet.yaml
-RUN /opt/inferencefleet/bin/pip install --constraint requirements.lock ".[operator]" \
- && INFERENCEFLEET_CRD=/opt/inferencefleet/crds/inferencefleet.yaml \
-    /opt/inferencefleet/bin/python -c "import fleet_operator.main, fleet_spec.spec as s; s.crd()"
+RUN /opt/inferencefleet/bin/pip wheel --no-deps --wheel-dir /wheel .
 
 FROM ${PYTHON_IMAGE}
-COPY --from=build /opt/inferencefleet /opt/inferencefleet
+COPY --from=deps /opt/inferencefleet /opt/inferencefleet
+COPY --from=wheel /wheel /tmp/wheel
+COPY crds/inferencefleet.yaml /opt/inferencefleet/crds/inferencefleet.yaml
+RUN /opt/inferencefleet/bin/pip install --no-deps --no-cache-dir --disable-pip-version-check \
+      /tmp/wheel/*.whl \
+ && rm -rf /tmp/wheel \
+ && INFERENCEFLEET_CRD=/opt/inferencefleet/crds/inferencefleet.yaml \
+    /opt/inferencefleet/bin/python -c "import fleet_operator.main, fleet_spec.spec as s; s.crd()"
 ENV PATH=/opt/inferencefleet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

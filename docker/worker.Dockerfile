@@ -6,13 +6,19 @@
 # needs only the NVIDIA driver, which the NVIDIA container toolkit mounts at run time. Installing
 # with the lock as constraints keeps the image on exactly the versions the tests ran with.
 #
+# Two layers matter: the dependencies (several GB, rebuilt only when requirements.lock or
+# pyproject.toml change) and the project's own code (well under a MB), so that an edit of the
+# code rebuilds, pushes and pulls only the small one.
+#
 #   docker build -f docker/worker.Dockerfile -t REGISTRY/inferencefleet-worker:TAG .
 #   docker push REGISTRY/inferencefleet-worker:TAG
 #   helm upgrade --install ... --set workerImage.repository=REGISTRY/inferencefleet-worker \
 #       --set workerImage.tag=TAG
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+# The worker extra's dependencies, resolved from the project's metadata alone (empty package
+# folders and README), at the locked versions.
+FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # Optional: install from a directory of wheels (e.g. mounted into the build) instead of
 # downloading them, e.g. --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_NO_INDEX=1.
@@ -21,15 +27,28 @@ ARG PIP_FIND_LINKS
 ARG PIP_NO_INDEX
 WORKDIR /src
 RUN python -m venv /opt/inferencefleet
-COPY requirements.lock pyproject.toml README.md ./
-COPY server/ server/
-COPY operator/ operator/
-# The worker's extra only (the lock also pins the dev tools), at the locked versions.
-RUN /opt/inferencefleet/bin/pip install --constraint requirements.lock ".[worker]" \
+COPY requirements.lock pyproject.toml ./
+RUN mkdir server operator && touch README.md \
+ && /opt/inferencefleet/bin/pip install --constraint requirements.lock ".[worker]" \
+ && /opt/inferencefleet/bin/pip uninstall --yes inferencefleet \
  && /opt/inferencefleet/bin/python -c "import torch; assert torch.version.cuda, 'CPU-only torch'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
+# The project itself, as a wheel without dependencies.
+FROM deps AS wheel
+ARG PIP_FIND_LINKS
+ARG PIP_NO_INDEX
+COPY README.md ./
+COPY server/ server/
+COPY operator/ operator/
+RUN /opt/inferencefleet/bin/pip wheel --no-deps --wheel-dir /wheel .
+
 FROM ${PYTHON_IMAGE}
-COPY --from=build /opt/inferencefleet /opt/inferencefleet
+COPY --from=deps /opt/inferencefleet /opt/inferencefleet
+COPY --from=wheel /wheel /tmp/wheel
+RUN /opt/inferencefleet/bin/pip install --no-deps --no-cache-dir --disable-pip-version-check \
+      /tmp/wheel/*.whl \
+ && rm -rf /tmp/wheel \
+ && /opt/inferencefleet/bin/python -c "import fleet_server.serve, fleet_client.client"
 ENV PATH=/opt/inferencefleet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

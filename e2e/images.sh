@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build (or reuse) the project's images from docker/*.Dockerfile without a daemon, for the
 # test cluster's real node: buildah bud with a Python base made by debootstrap, written
-# as OCI archives into a cache outside the repo:
+# as OCI archives (layers uncompressed: they stay on this machine) into a cache outside the repo:
 #   ${INFERENCEFLEET_IMAGE_CACHE:-~/.cache/inferencefleet/images}/<name>-<key>.tar
 # where <key> hashes the Dockerfile, every file it copies and the base, so an edit
-# rebuilds and anything else reuses.
+# rebuilds and anything else reuses. buildah keeps its layer cache (overlay storage): an edit
+# of the code rebuilds only the code layer, and the dependency layer keeps its digest, so the
+# node's containerd does not unpack it again.
 #
 #   e2e/images.sh operator|worker...   build what is missing; print "<name> <archive> <ref>"
 #   e2e/images.sh --key NAME           print the key NAME would have (no build)
@@ -15,7 +17,7 @@
 set -euo pipefail
 
 # Bump when the recipe (base packages, build flags) changes: it is part of every key.
-RECIPE=1
+RECIPE=2
 SUITE=bookworm
 BASE_PACKAGES=python3,python3-venv,ca-certificates
 MIRROR="${INFERENCEFLEET_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -24,7 +26,8 @@ e2e="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$e2e")"
 cache="${INFERENCEFLEET_IMAGE_CACHE:-$HOME/.cache/inferencefleet/images}"
 # buildah's own storage, apart from any other containers-storage on the machine.
-store=(--root "$cache/storage" --runroot "/run/inferencefleet-buildah" --storage-driver "${INFERENCEFLEET_BUILDAH_DRIVER:-vfs}")
+driver="${INFERENCEFLEET_BUILDAH_DRIVER:-overlay}"
+store=(--root "$cache/storage-$driver" --runroot "/run/inferencefleet-buildah-$driver" --storage-driver "$driver")
 chart_version="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$repo/charts/inferencefleet/Chart.yaml")"
 
 log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -106,14 +109,19 @@ build() {  # build <name>: prints "<name> <archive> <ref>"
     wheels=(-v "$wheel_dir:/wheels:ro" --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_NO_INDEX=1)
   fi
   # --isolation chroot: RUN steps use the host's network (pip reaches PyPI as the host does).
-  buildah "${store[@]}" bud --isolation chroot --pull=never --layers=false "${wheels[@]}" \
+  buildah "${store[@]}" bud --isolation chroot --pull=never --layers "${wheels[@]}" \
     --build-arg "PYTHON_IMAGE=$base" \
     -f "$repo/docker/$name.Dockerfile" -t "localhost/inferencefleet-$name:$key" "$repo" \
     >"$cache/$name-$key.log" 2>&1 \
     || { tail -n 30 "$cache/$name-$key.log" >&2; die "building $name failed; log: $cache/$name-$key.log"; }
-  buildah "${store[@]}" push -q "localhost/inferencefleet-$name:$key" "oci-archive:$archive.tmp:$ref" >/dev/null
+  buildah "${store[@]}" push -q --disable-compression "localhost/inferencefleet-$name:$key" \
+    "oci-archive:$archive.tmp:$ref" >/dev/null
   mv "$archive.tmp" "$archive"
-  # Keep the store small: the archive is what is reused.
+  # Keep the cache small: this image's older archives go (buildah's layer cache stays).
+  local old
+  for old in "$cache/$name"-*.tar; do
+    [[ "$old" == "$archive" ]] || rm -f "$old" "${old%.tar}.log"
+  done
   buildah "${store[@]}" rmi "localhost/inferencefleet-$name:$key" >/dev/null 2>&1 || true
   log "built $name in $((SECONDS - t0)) s: $(du -h "$archive" | cut -f1) ($archive)"
   echo "$name $archive $ref"

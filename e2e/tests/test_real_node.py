@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from e2ecluster import realnode
+from e2ecluster import nvidia, realnode
 from e2ecluster.cluster import KWOK_NODE_IP, POD_CIDR, SERVICE_CIDR
 from e2ecluster.handle import Cluster, pinned_versions, wait_until
 
@@ -114,23 +114,47 @@ def test_pod_runs_on_the_real_node_with_a_bridge_address(
     assert status["containerStatuses"][0]["restartCount"] == 0
 
 
+TIME_SLICING_4 = """\
+version: v1
+flags:
+  migStrategy: none
+sharing:
+  timeSlicing:
+    renameByDefault: false
+    failRequestsGreaterThanOne: true
+    resources:
+    - name: nvidia.com/gpu
+      replicas: 4
+"""
+
+
 @pytest.fixture
 def shared_devices(cluster: Cluster, node: str) -> Iterator[int]:
-    """Four devices in the file e2e-device-plugin advertises from (what a time-slicing
-    config with 4 replicas gives one GPU); back to one GPU after."""
-    path = realnode.devices_file(cluster.state.dir)
-    path.write_text("4\n")
+    """The real node time-sliced four ways the way a user's cluster does it: a key in the
+    device plugin's ConfigMap, then the node's config label; NVIDIA's config-manager selects
+    it, and the node's device plugin serves what the parsed config gives (1 GPU x 4). Back to
+    no sharing after (label first: config-manager exits when the key it uses goes)."""
+    key, where = "e2e-timeslicing-4", ("-n", nvidia.CONFIG_NAMESPACE)
+    patch = json.dumps({"data": {key: TIME_SLICING_4}})
+    cluster.kubectl("patch", "configmap", nvidia.CONFIG_NAME, *where, "--type=merge", "-p", patch)
+    volume = nvidia.pod_dir(cluster.state, node) / "available-configs" / key
+    wait_until(f"{key} in the device plugin's ConfigMap volume", volume.exists, timeout=60)
+    cluster.kubectl("label", "node", node, f"{nvidia.LABEL_CONFIG}={key}", "--overwrite")
     try:
         yield 4
     finally:
-        path.write_text(f"{realnode.GPUS}\n")
+        cluster.kubectl("label", "node", node, f"{nvidia.LABEL_CONFIG}-")
         wait_until(
             "the real node back at one GPU",
             lambda: (
                 _node(cluster, node)["status"]["allocatable"].get("nvidia.com/gpu")
                 == str(realnode.GPUS)
             ),
-            timeout=60,
+            timeout=90,
+        )
+        gone = json.dumps({"data": {key: None}})
+        cluster.kubectl(
+            "patch", "configmap", nvidia.CONFIG_NAME, *where, "--type=merge", "-p", gone
         )
 
 
@@ -138,9 +162,9 @@ def test_kubelet_advertises_and_allocates_the_shared_gpus(
     cluster: Cluster, namespace: str, node: str, shared_devices: int
 ) -> None:
     wait_until(
-        "allocatable nvidia.com/gpu=4 on the real node (device plugin -> kubelet)",
+        "allocatable nvidia.com/gpu=4 on the real node (config-manager, plugin, kubelet)",
         lambda: _node(cluster, node)["status"]["allocatable"].get("nvidia.com/gpu") == "4",
-        timeout=60,
+        timeout=90,
     )
     gpu = {"limits": {"nvidia.com/gpu": "1"}}
     for i in range(5):

@@ -82,6 +82,12 @@ MODEL_LOAD_SECONDS = Gauge(
     ["model"],
     multiprocess_mode="max",
 )
+MAX_BATCH_SIZE = Gauge(
+    "inferencefleet_max_batch_size",
+    "The batching setting in force: most frames per forward pass (follows live edits)",
+    ["model"],
+    multiprocess_mode="livemax",
+)
 GPU_MEMORY_ALLOCATED = Gauge(
     "inferencefleet_gpu_memory_allocated_bytes",
     "CUDA memory allocated by the model runner (CUDA only)",

@@ -233,6 +233,7 @@ class Worker:
         await batcher.start(WARM_BUDGET_S)
         loaded = time.perf_counter() - started
         metrics.MODEL_LOAD_SECONDS.labels(model=config.served_name).set(loaded)
+        metrics.MAX_BATCH_SIZE.labels(model=config.served_name).set(settings.max_batch_size)
         if runner.device.type == "cuda":
             self._gpu_memory = asyncio.create_task(self._report_gpu_memory(runner))
         self.servicer.info = protocol.ModelInfo(
@@ -275,6 +276,9 @@ class Worker:
             except Exception:  # never let one edit end the watching of every later one
                 log.exception("applying batching settings from %s failed", path)
                 continue
+            metrics.MAX_BATCH_SIZE.labels(model=self.config.served_name).set(
+                settings.max_batch_size
+            )
             log.info("batching settings applied: %s", settings)
 
 

@@ -261,6 +261,10 @@ def test_batching_file_changes_apply_without_restart(
     async def go() -> tuple[int, int, int]:
         async with InferenceClient(target) as client:
             before = (await client.model_config("tiny")).max_batch_size
+            gauge = sample(
+                scrape(worker.metrics_port), "inferencefleet_max_batch_size", model="tiny"
+            )
+            assert gauge == 2
             path.write_text("maxBatchSize: 3\n")
             for _ in range(1200):  # the file is polled every 0.1 s; give up after ~60 s
                 if (await client.model_config("tiny")).max_batch_size == 3:
@@ -274,6 +278,7 @@ def test_batching_file_changes_apply_without_restart(
             )
 
     assert asyncio.run(go()) == (2, 3, 9)
+    assert sample(scrape(worker.metrics_port), "inferencefleet_max_batch_size", model="tiny") == 3
 
 
 def test_workers_share_one_port_and_stop_together(start_worker: Callable[..., Any]) -> None:

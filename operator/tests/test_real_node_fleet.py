@@ -1,0 +1,212 @@
+"""examples/fleet.yaml on the test cluster's real node: the worker image in real pods that serve.
+
+The fleet is the example as a user applies it, scaled to the one GPU the node has (time-sliced
+four ways: two pods) and pointed at the node (its node selector and taint); the namespace
+enforces Pod Security `restricted`. The operator is the same process as in the other e2e
+tests; the pods run the image built from docker/worker.Dockerfile under the name the operator
+uses by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import re
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from e2ecluster import realnode
+from e2ecluster.handle import wait_until
+from fleet_spec.contract import WorkerSettings
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "fleet.yaml"
+INFERENCEFLEET = ROOT / ".venv" / "bin" / "inferencefleet"
+NAME = "detector"
+
+
+@pytest.fixture
+def worker_image(cluster: Any) -> str:
+    """The worker image in the real node's containerd (built or reused); skips without one."""
+    if not cluster.state.real_node:
+        pytest.skip(f"no real node ({realnode.unavailable() or 'claimed elsewhere'})")
+    return realnode.ensure_image(cluster.state.dir, "worker")
+
+
+def example_on_the_real_node(namespace: str) -> dict[str, Any]:
+    fleet: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    fleet["metadata"]["namespace"] = namespace
+    spec = fleet["spec"]
+    spec["replicas"] = 2  # 1 GPU x 4 time-slicing slots; two pods leave the CPUs some room
+    spec["nodeSelector"] = {"inferencefleet.dev/real-node": "true"}
+    spec["tolerations"] = [{**realnode.TAINT, "operator": "Exists"}]
+    spec["tolerations"][0].pop("value", None)
+    return fleet
+
+
+def _time(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _ready_pods(fleets: Any) -> list[dict[str, Any]]:
+    pods = [p for p in fleets.pods(NAME) if not p["metadata"].get("deletionTimestamp")]
+    return [
+        p
+        for p in pods
+        if any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in (p.get("status") or {}).get("conditions") or []
+        )
+    ]
+
+
+def _endpoints(fleets: Any) -> list[str]:
+    """host:port of every ready endpoint of the fleet's headless Service (EndpointSlices)."""
+    out = fleets.kubectl(
+        "get", "endpointslices", "-l", f"kubernetes.io/service-name={NAME}", "-o", "json"
+    )
+    found = []
+    for piece in json.loads(out)["items"]:
+        port = next(p["port"] for p in piece.get("ports") or [] if p.get("name") == "grpc")
+        for endpoint in piece.get("endpoints") or []:
+            if (endpoint.get("conditions") or {}).get("ready"):
+                found += [f"{address}:{port}" for address in endpoint["addresses"]]
+    return sorted(found)
+
+
+def _metric(address: str, name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://{address}:8002/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    match = re.search(rf"^{name}{{[^}}]*}} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+async def _infer(targets: list[str], model: str, frames: np.ndarray) -> list[np.ndarray]:
+    from fleet_client.client import InferenceClient
+
+    answers = []
+    for target in targets:
+        async with InferenceClient(target) as client:
+            answers.append(np.asarray(await client.infer(model, frames, deadline_s=60)))
+    return answers
+
+
+@pytest.fixture
+def local_worker(tmp_path: Path) -> Iterator[Any]:
+    """start(argv) runs `inferencefleet serve` here on 127.0.0.1 with a pod's arguments."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str], port: int) -> str:
+        log = (tmp_path / "local-worker.log").open("wb")
+        override = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+        procs.append(
+            subprocess.Popen(
+                [str(INFERENCEFLEET), *argv, *override], stdout=log, stderr=subprocess.STDOUT
+            )
+        )
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_example_fleet_serves_on_the_real_node(
+    cluster: Any, namespace: str, fleets: Any, worker_image: str, local_worker: Any
+) -> None:
+    cluster.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
+    )
+    fleets.apply(example_on_the_real_node(namespace))
+    fleets.wait_ready(NAME, timeout=420)  # two pods import torch and warm up on 2 shared CPUs
+    pods = _ready_pods(fleets)
+    assert len(pods) == 2
+    assert {p["spec"]["nodeName"] for p in pods} == {realnode.NODE_NAME}
+    assert {p["spec"]["containers"][0]["image"] for p in pods} == {worker_image}
+    uids = {p["metadata"]["uid"] for p in pods}
+
+    # Ready only once warm: the readiness probe is gRPC health, NOT_SERVING until warm-up ends.
+    for pod in pods:
+        container = pod["spec"]["containers"][0]
+        assert "grpc" in container["readinessProbe"], container["readinessProbe"]
+        logs = fleets.kubectl("logs", pod["metadata"]["name"], "--timestamps")
+        warm = next(line for line in logs.splitlines() if "model warm in" in line)
+        ready = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
+        # The log's time has sub-second digits; the condition's is whole seconds.
+        warm_at = _time(warm.split()[0][:19] + "Z")
+        assert _time(ready["lastTransitionTime"]) >= warm_at, (warm, ready)
+
+    # Inference through the pods' addresses, as the headless Service's EndpointSlices give
+    # them, answered the same as a local worker started with a pod's own arguments.
+    def two_endpoints() -> list[str]:
+        found = _endpoints(fleets)
+        return found if len(found) == 2 else []
+
+    targets: list[str] = wait_until("two ready endpoints", two_endpoints, timeout=60)
+    args = pods[0]["spec"]["containers"][0].get("args") or []
+    model = WorkerSettings.from_argv(args).served_name
+    reference = local_worker(["serve", *args], 18401)
+    frames = np.random.default_rng(5).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+
+    def local_ready() -> list[np.ndarray] | None:
+        try:
+            return asyncio.run(_infer([reference], model, frames))
+        except Exception:  # still warming up
+            return None
+
+    expected = wait_until("the local worker to answer", local_ready, timeout=300, interval=2)[0]
+    for answer in asyncio.run(_infer(targets, model, frames)):
+        assert answer.shape == expected.shape
+        assert (answer.argmax(axis=1) == expected.argmax(axis=1)).all()
+        np.testing.assert_allclose(answer, expected, rtol=0.05, atol=0.05)
+
+    # A batching edit is applied in place: the same pods, the new size in their metrics.
+    assert {_metric(t.split(":")[0], "inferencefleet_max_batch_size") for t in targets} == {8.0}
+    fleets.kubectl(
+        "patch", "inferencefleet", NAME, "--type=merge", "-p",
+        json.dumps({"spec": {"batching": {"maxBatchSize": 4}}}),
+    )  # fmt: skip
+    wait_until(
+        "maxBatchSize 4 in every pod's metrics (the kubelet refreshes the ConfigMap volume)",
+        lambda: (
+            {_metric(t.split(":")[0], "inferencefleet_max_batch_size") for t in targets} == {4.0}
+        ),
+        timeout=180,
+        interval=2,
+    )
+    after = [p for p in fleets.pods(NAME) if not p["metadata"].get("deletionTimestamp")]
+    assert {p["metadata"]["uid"] for p in after} == uids
+    assert all(p["status"]["containerStatuses"][0]["restartCount"] == 0 for p in after)
+
+    # A worker killed inside its container: the kubelet restarts the container, and the pod
+    # serves again.
+    victim = pods[0]
+    container_id = victim["status"]["containerStatuses"][0]["containerID"].split("://")[1]
+    tasks = realnode.ctr(cluster.state.dir, "tasks", "ls")
+    pid = next(line.split()[1] for line in tasks.splitlines() if line.startswith(container_id))
+    subprocess.run(["kill", "-KILL", pid], check=True)
+
+    def restarted() -> bool:
+        pod = next(
+            p for p in fleets.pods(NAME) if p["metadata"]["uid"] == victim["metadata"]["uid"]
+        )
+        status = pod["status"]["containerStatuses"][0]
+        return bool(status["restartCount"] >= 1 and status.get("ready"))
+
+    wait_until("the killed container restarted and ready", restarted, timeout=300, interval=2)
+    address = victim["status"]["podIP"]
+    again = asyncio.run(_infer([f"{address}:8001"], model, frames))[0]
+    assert (again.argmax(axis=1) == expected.argmax(axis=1)).all()
