@@ -42,13 +42,14 @@ COPY server/ server/
 COPY operator/ operator/
 RUN /opt/inferencefleet/bin/pip wheel --no-deps --wheel-dir /wheel .
 
-FROM ${PYTHON_IMAGE}
-COPY --from=deps /opt/inferencefleet /opt/inferencefleet
+# The image: the dependency stage as it is (its layers cached and shared between builds), and
+# the project's wheel installed on top.
+FROM deps
 COPY --from=wheel /wheel /tmp/wheel
-RUN /opt/inferencefleet/bin/pip install --no-deps --no-cache-dir --disable-pip-version-check \
-      /tmp/wheel/*.whl \
- && rm -rf /tmp/wheel \
- && /opt/inferencefleet/bin/python -c "import fleet_server.serve, fleet_client.client"
+RUN /opt/inferencefleet/bin/pip install --no-deps --no-cache-dir /tmp/wheel/*.whl \
+ && rm -rf /tmp/wheel /src \
+ && /opt/inferencefleet/bin/python -c "import fleet_server.serve, fleet_client.client, fleet_tune.tune"
+WORKDIR /
 ENV PATH=/opt/inferencefleet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -43,12 +43,16 @@ ref_of() {  # the name the chart and the operator use by default
 
 base_key() { echo "recipe=$RECIPE suite=$SUITE packages=$BASE_PACKAGES" | cat - /etc/ssl/certs/ca-certificates.crt | sha256sum | cut -c1-16; }
 
-image_key() {  # the Dockerfile and what its COPY lines read (the project's tracked files)
+context_paths() {  # what .dockerignore lets into the build context, as git pathspecs
+  sed -n 's/^!\(.*\)$/\1/p' "$repo/.dockerignore" | sed 's#/\*\*$##'
+}
+
+image_key() {  # the Dockerfile and what its COPY lines can read (tracked files in the context)
   local name="$1"
+  local paths; mapfile -t paths < <(context_paths)
   { echo "recipe=$RECIPE base=$(base_key) ref=$(ref_of "$name")"
-    cat "$repo/docker/$name.Dockerfile"
-    (cd "$repo" && git ls-files -z -- requirements.lock pyproject.toml README.md server operator crds \
-      | LC_ALL=C sort -z | xargs -0 sha256sum)
+    cat "$repo/docker/$name.Dockerfile" "$repo/.dockerignore"
+    (cd "$repo" && git ls-files -z -- "${paths[@]}" | LC_ALL=C sort -z | xargs -0 sha256sum)
   } | sha256sum | cut -c1-16
 }
 

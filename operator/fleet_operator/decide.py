@@ -80,6 +80,7 @@ class Settings:
     """What the command line decides for every fleet."""
 
     worker_image: str
+    worker_device: str = "cuda"  # the workers' --device ("cpu" where GPUs are simulated)
     device_plugin_configmap: str = "nvidia-device-plugin/device-plugin-config"  # "ns/name"
 
 
@@ -146,6 +147,7 @@ def _children(
         replicas=plan.desired_replicas,
         profile=plan.profile,
         default_image=settings.worker_image,
+        device=settings.worker_device,
     ):
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         observed = obs.children.get((kind, name))

@@ -60,6 +60,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="worker image for fleets without spec.image (default: %(default)s)",
     )
     parser.add_argument(
+        "--worker-device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="the device worker pods run the model on (default: %(default)s; cpu only where "
+        "the cluster's GPUs are simulated, as on a test cluster)",
+    )
+    parser.add_argument(
         "--liveness-port",
         type=int,
         default=8080,
@@ -137,6 +144,7 @@ def main(argv: list[str]) -> int:
             kube,
             Settings(
                 worker_image=args.worker_image,
+                worker_device=args.worker_device,
                 device_plugin_configmap=(
                     f"{args.device_plugin_namespace}/{args.device_plugin_configmap}"
                 ),

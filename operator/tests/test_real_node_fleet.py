@@ -14,6 +14,7 @@ import datetime
 import json
 import re
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,19 +104,59 @@ async def _infer(targets: list[str], model: str, frames: np.ndarray) -> list[np.
     return answers
 
 
+class BenchLoop:
+    """`inferencefleet bench -c 16` against one target, run after run (15 s each) in a thread
+    until stopped: the requests answered and the ones that failed, summed over the runs."""
+
+    def __init__(self, target: str, model: str, workdir: Path) -> None:
+        self.target, self.model, self.workdir = target, model, workdir
+        self.requests, self.failed, self.runs = 0, 0, 0
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            out = self.workdir / f"bench-{self.runs:03d}.json"
+            argv = [
+                str(INFERENCEFLEET), "bench", self.target, "--model", self.model,
+                "-c", "16", "--duration", "15", "--warmup", "0", "--retries", "4",
+                "--json-file", str(out), "--quiet",
+            ]  # fmt: skip
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            self.runs += 1
+            if done.returncode != 0 or not out.exists():
+                self.problems.append(
+                    f"run {self.runs}: exit {done.returncode}: {done.stderr[-500:]}"
+                )
+                continue
+            for step in json.loads(out.read_text())["steps"]:
+                self.requests += step["requests"]
+                self.failed += sum(step["errors"].values())
+                if step["errors"]:
+                    self.problems.append(f"run {self.runs}: {step['errors']}")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+
 @pytest.fixture
 def local_worker(tmp_path: Path) -> Iterator[Any]:
     """start(argv) runs `inferencefleet serve` here on 127.0.0.1 with a pod's arguments."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(argv: list[str], port: int) -> str:
-        log = (tmp_path / "local-worker.log").open("wb")
         override = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
-        procs.append(
-            subprocess.Popen(
-                [str(INFERENCEFLEET), *argv, *override], stdout=log, stderr=subprocess.STDOUT
+        with (tmp_path / "local-worker.log").open("wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    [str(INFERENCEFLEET), *argv, *override], stdout=log, stderr=subprocess.STDOUT
+                )
             )
-        )
         return f"127.0.0.1:{port}"
 
     yield start
@@ -125,11 +166,30 @@ def local_worker(tmp_path: Path) -> Iterator[Any]:
 
 
 def test_example_fleet_serves_on_the_real_node(
-    cluster: Any, namespace: str, fleets: Any, worker_image: str, local_worker: Any
+    cluster: Any,
+    namespace: str,
+    fleet_ops: Any,
+    start_operator: Any,
+    worker_image: str,
+    local_worker: Any,
+    tmp_path: Path,
 ) -> None:
     cluster.kubectl(
         "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
     )
+    # The node's GPU is simulated: the workers run the model on the CPU.
+    with start_operator(extra=("--worker-device", "cpu")):
+        check_the_fleet(cluster, namespace, fleet_ops, worker_image, local_worker, tmp_path)
+
+
+def check_the_fleet(
+    cluster: Any,
+    namespace: str,
+    fleets: Any,
+    worker_image: str,
+    local_worker: Any,
+    workdir: Path,
+) -> None:
     fleets.apply(example_on_the_real_node(namespace))
     fleets.wait_ready(NAME, timeout=420)  # two pods import torch and warm up on 2 shared CPUs
     pods = _ready_pods(fleets)
@@ -210,3 +270,45 @@ def test_example_fleet_serves_on_the_real_node(
     address = victim["status"]["podIP"]
     again = asyncio.run(_infer([f"{address}:8001"], model, frames))[0]
     assert (again.argmax(axis=1) == expected.argmax(axis=1)).all()
+
+    # A rollout, then a scale-down, while `inferencefleet bench` keeps 16 requests in flight
+    # through a ClusterIP Service of the fleet's pods (kube-proxy on the node picks a ready
+    # pod per connection); the client retries UNAVAILABLE as gRPC's retry policy allows.
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"{NAME}-load", "namespace": namespace},
+        "spec": {
+            "selector": {"inferencefleet.dev/fleet": NAME},
+            "ports": [{"name": "grpc", "port": 8001, "targetPort": 8001}],
+        },
+    }
+    fleets.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(service))
+    ip = json.loads(fleets.kubectl("get", "service", f"{NAME}-load", "-o", "json"))["spec"]
+    load = BenchLoop(f"{ip['clusterIP']}:8001", model, workdir)
+    load.start()
+    try:
+        wait_until("the load to run", lambda: load.requests > 0 or load.problems, 120, 1)
+        before = {p["metadata"]["uid"] for p in fleets.pods(NAME)}
+        fleets.kubectl("rollout", "restart", f"deployment/{NAME}")
+
+        def rolled() -> bool:
+            pods = [p for p in fleets.pods(NAME) if not p["metadata"].get("deletionTimestamp")]
+            fresh = [p for p in _ready_pods(fleets) if p["metadata"]["uid"] not in before]
+            return len(fresh) == 2 and len(pods) == 2
+
+        wait_until("the rollout to replace both pods", rolled, timeout=600, interval=2)
+        fleets.kubectl("scale", "inferencefleet", NAME, "--replicas=1")
+        wait_until(
+            "the scale-down to one pod",
+            lambda: len(fleets.pods(NAME)) == 1 and len(_ready_pods(fleets)) == 1,
+            timeout=180,
+            interval=2,
+        )
+        runs = load.runs
+        wait_until("one more bench run after the scale-down", lambda: load.runs > runs + 1, 120)
+    finally:
+        load.stop()
+    print(f"under rollout and scale-down: {load.requests} requests, {load.failed} failed")
+    assert load.requests > 0
+    assert (load.failed, load.problems) == (0, [])

@@ -154,6 +154,8 @@ def test_worker_command_line_is_what_serve_parses() -> None:
     assert settings.served_name == "resnet18"
     named = worker_settings(_spec(model=ModelSpec(source="builtin:tiny", name="fast")))
     assert WorkerSettings.from_argv(named.to_argv()).served_name == "fast"
+    cpu = pod_template(_spec(), OWNER, profile="p", image="img:1", device="cpu")
+    assert WorkerSettings.from_argv(cpu["spec"]["containers"][0]["args"]).device == "cpu"
 
 
 def test_batching_and_replicas_do_not_touch_the_pod_template() -> None:

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=positive_seconds, default=30.0, help="deadline of one request (s)"
     )
     parser.add_argument(
+        "--retries", type=int, choices=range(0, 5), default=0, metavar="{0..4}",
+        help="retry a call that ends UNAVAILABLE (a worker draining or gone) up to this many "
+        "times, as gRPC's retry policy does (default 0: count it as failed)",
+    )  # fmt: skip
+    parser.add_argument(
         "--connect-timeout", type=positive_seconds, default=5.0,
         help="fail when a target does not answer within this many seconds (default 5)",
     )  # fmt: skip
@@ -208,6 +213,7 @@ async def _run(
         mode=args.mode,
         connections=args.connections,
         timeout_s=args.timeout,
+        retries=args.retries,
     )
     try:
         await generator.connect(args.connect_timeout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Sequence
 from typing import Literal
@@ -39,8 +40,39 @@ class _StreamClosed(Exception):
     """The server ended a stream that the load generator still meant to use."""
 
 
-def channel_options(local_pool: bool) -> list[tuple[str, int | str]]:
+def retry_service_config(attempts: int) -> str:
+    """gRPC's retry policy for the inference service: a call that ends UNAVAILABLE (a worker
+    draining or gone, a connection refused) is tried again, on whichever worker the balancer
+    picks, up to `attempts` times in all. Inference calls are idempotent."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": "inference.GRPCInferenceService"}],
+                    "retryPolicy": {
+                        "maxAttempts": attempts,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def channel_options(local_pool: bool, retries: int = 0) -> list[tuple[str, int | str]]:
+    """Channel options of the load generator; `retries` > 0 retries UNAVAILABLE calls that
+    many more times (gRPC caps attempts at 5)."""
+    retry: list[tuple[str, int | str]] = []
+    if retries > 0:
+        retry = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", retry_service_config(1 + retries)),
+        ]
     return [
+        *retry,
         ("grpc.lb_policy_name", "round_robin"),
         # every channel gets connections of its own (several channels = several connections)
         ("grpc.use_local_subchannel_pool", 1 if local_pool else 0),
@@ -82,6 +114,7 @@ class LoadGenerator:
         mode: Mode = "unary",
         connections: int = 1,
         timeout_s: float = 30.0,
+        retries: int = 0,
     ) -> None:
         if not requests:
             raise ValueError("no requests to send")
@@ -92,7 +125,7 @@ class LoadGenerator:
         self._frames = frames_per_request
         self._timeout = timeout_s
         self._channels = [
-            grpc.aio.insecure_channel(targets.grpc_target, options=channel_options(True))
+            grpc.aio.insecure_channel(targets.grpc_target, options=channel_options(True, retries))
             for _ in range(max(1, connections))
         ]
         self._open_lock = asyncio.Lock()

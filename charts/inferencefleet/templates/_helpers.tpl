@@ -110,6 +110,9 @@ The operator's command-line arguments (after `inferencefleet operator`).
 - --device-plugin-namespace={{ .Values.devicePlugin.namespace }}
 - --config-volume-delay={{ .Values.devicePlugin.configVolumeDelaySeconds }}
 - --worker-image={{ include "inferencefleet.workerImage" . }}
+{{- if ne .Values.workerDevice "cuda" }}
+- --worker-device={{ .Values.workerDevice }}
+{{- end }}
 - --liveness-port={{ .Values.healthPort }}
 - --standalone
 - --log-level={{ .Values.logLevel }}

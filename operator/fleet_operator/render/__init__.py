@@ -16,14 +16,25 @@ __all__ = ["Owner", "render_children"]
 
 
 def render_children(
-    spec: FleetSpec, owner: Owner, *, replicas: int, profile: str, default_image: str
+    spec: FleetSpec,
+    owner: Owner,
+    *,
+    replicas: int,
+    profile: str,
+    default_image: str,
+    device: str = "cuda",
 ) -> list[dict[str, Any]]:
     """Every child, in the order to apply them: the ConfigMap before the pods that mount it,
     the Deployment next (a scale waits for nothing else)."""
     return [
         render_batching_configmap(spec, owner),
         render_deployment(
-            spec, owner, replicas=replicas, profile=profile, image=spec.image or default_image
+            spec,
+            owner,
+            replicas=replicas,
+            profile=profile,
+            image=spec.image or default_image,
+            device=device,
         ),
         render_service(owner),
         render_pdb(owner),

@@ -32,16 +32,18 @@ from fleet_operator.sharing import GPU_TOLERATION, product_values
 RUN_AS = 65532
 
 
-def worker_settings(spec: FleetSpec) -> WorkerSettings:
+def worker_settings(spec: FleetSpec, device: str = "cuda") -> WorkerSettings:
     """What each pod's `inferencefleet serve` runs with. The batching values come from the
-    watched file, so a batching edit changes no argument and rolls no pod."""
+    watched file, so a batching edit changes no argument and rolls no pod. The device is
+    CUDA (a pod without a GPU fails at start rather than serve slowly), unless the operator
+    was told otherwise (--worker-device, for clusters whose GPUs are simulated)."""
     return WorkerSettings(
         model=spec.model.source,
         model_name=spec.model.name,
         port=GRPC_PORT,
         metrics_port=METRICS_PORT,
         workers=spec.processes_per_pod,
-        device="cuda",
+        device=device,
         precision=spec.model.precision,
         batching_config=Path(BATCHING_DIR, BATCHING_FILE),
     )
@@ -82,7 +84,7 @@ def _grpc_probe(service: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _container(spec: FleetSpec, image: str) -> dict[str, Any]:
+def _container(spec: FleetSpec, image: str, device: str) -> dict[str, Any]:
     mounts = [
         {"name": "batching", "mountPath": BATCHING_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
@@ -94,7 +96,7 @@ def _container(spec: FleetSpec, image: str) -> dict[str, Any]:
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["inferencefleet", "serve"],
-        "args": worker_settings(spec).to_argv(),
+        "args": worker_settings(spec, device).to_argv(),
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
@@ -135,7 +137,9 @@ def _volumes(spec: FleetSpec, owner: Owner) -> list[dict[str, Any]]:
     return volumes
 
 
-def pod_template(spec: FleetSpec, owner: Owner, *, profile: str, image: str) -> dict[str, Any]:
+def pod_template(
+    spec: FleetSpec, owner: Owner, *, profile: str, image: str, device: str = "cuda"
+) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -157,7 +161,7 @@ def pod_template(spec: FleetSpec, owner: Owner, *, profile: str, image: str) -> 
             }
         ],
         "tolerations": [GPU_TOLERATION, *spec.tolerations],
-        "containers": [_container(spec, image)],
+        "containers": [_container(spec, image, device)],
         "volumes": _volumes(spec, owner),
     }
     if spec.node_selector:
@@ -166,7 +170,7 @@ def pod_template(spec: FleetSpec, owner: Owner, *, profile: str, image: str) -> 
 
 
 def render_deployment(
-    spec: FleetSpec, owner: Owner, *, replicas: int, profile: str, image: str
+    spec: FleetSpec, owner: Owner, *, replicas: int, profile: str, image: str, device: str = "cuda"
 ) -> dict[str, Any]:
     """The Deployment with `replicas` pods (the capacity rule may want fewer than asked)."""
     return {
@@ -184,6 +188,6 @@ def render_deployment(
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "25%"},
             },
-            "template": pod_template(spec, owner, profile=profile, image=image),
+            "template": pod_template(spec, owner, profile=profile, image=image, device=device),
         },
     }
