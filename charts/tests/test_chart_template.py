@@ -277,8 +277,49 @@ def test_helm_test_hook_is_a_job_that_calls_healthz(render: Render) -> None:
     job = one(render(), "Job")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "test"
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][-1] == "http://inferencefleet.ops.svc:8080/healthz"
+    assert container["command"][-3:] == ["inferencefleet", "ops", "8080"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_helm_test_reaches_healthz_through_the_service_address_without_dns(
+    render: Render,
+) -> None:
+    """The hook's script, run here: the address comes from the service-link variable the
+    kubelet sets (no cluster DNS needed); a 200 passes, anything else fails."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        command = one(render(), "Job")["spec"]["template"]["spec"]["containers"][0]["command"]
+        script = command[2]
+        port = str(server.server_address[1])
+        env = {"INFERENCEFLEET_SERVICE_HOST": "127.0.0.1"}
+        ok = subprocess.run(
+            [sys.executable, "-c", script, "inferencefleet", "ops", port],
+            env=env, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.strip() == f"http://127.0.0.1:{port}/healthz 200"
+        elsewhere = subprocess.run(
+            [sys.executable, "-c", script, "inferencefleet", "ops", "1"],
+            env=env, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert elsewhere.returncode != 0
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize(

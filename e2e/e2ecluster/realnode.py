@@ -34,6 +34,7 @@ NODE_NAME = "realnode-0"
 BRIDGE = "ifc0"
 NODE_IP = "198.19.0.1"
 POD_SUBNET = "198.19.0.0/24"
+SERVICES = "198.18.0.0/16"  # the cluster's Service range (cluster.SERVICE_CIDR)
 # Workloads that do not tolerate this stay on the kwok nodes.
 TAINT = {"key": "inferencefleet.dev/real-node", "value": "true", "effect": "NoSchedule"}
 PAUSE_IMAGE = "inferencefleet.local/pause:1"
@@ -189,6 +190,9 @@ state = "{cd / "state"}"
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": POD_SUBNET, "gateway": NODE_IP}]],
+                    # Services only (kube-proxy turns them into pod or node addresses); no
+                    # default route, so a pod reaches nothing beyond this machine's ranges.
+                    "routes": [{"dst": SERVICES}],
                     "dataDir": str(node / "ipam"),
                 },
             }
@@ -535,22 +539,15 @@ def ensure_image(state_dir: Path, name: str) -> str:
     marker = NODE_HOME / "imported" / Path(archive).name
     if marker.exists() and ref in ctr(state_dir, "images", "ls", "-q").split():
         return ref
-    with open(archive, "rb") as f:
-        subprocess.run(
-            [
-                "ctr",
-                "--address",
-                str(socket_path(state_dir)),
-                "-n",
-                "k8s.io",
-                "images",
-                "import",
-                "-",
-            ],
-            stdin=f,
-            capture_output=True,
-            check=True,
-        )
+    argv = ["ctr", "--address", str(socket_path(state_dir)), "-n", "k8s.io", "images", "import"]
+    for attempt in (1, 2):  # containerd may still be settling after `up`: one more try
+        with open(archive, "rb") as f:
+            done = subprocess.run([*argv, "-"], stdin=f, capture_output=True, check=False)
+        if done.returncode == 0:
+            break
+        why = done.stderr.decode(errors="replace")[-2000:]
+        if attempt == 2:
+            raise RealNodeError(f"importing {archive} into the node's containerd failed: {why}")
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return ref

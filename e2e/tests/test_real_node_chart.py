@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,10 @@ def test_operator_image_runs_in_cluster_behind_its_service(
             "the operator running for 45 s", lambda: running_for() > 45, timeout=120, interval=2
         )
         assert _http_ok(url)
+        # `helm test`: its Job runs on the node too and asks /healthz through the Service.
+        tested = cluster.helm("test", RELEASE, "-n", namespace, "--timeout", "180s", check=False)
+        assert tested.returncode == 0, tested.stdout + tested.stderr
+        assert re.search(r"Phase:\s+Succeeded", tested.stdout), tested.stdout
         # In-cluster config: it watched the API through the `kubernetes` Service, no errors.
         log = cluster.kubectl("logs", "-n", namespace, name).stdout
         assert "Traceback" not in log, log[-2000:]

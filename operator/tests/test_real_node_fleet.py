@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,14 +107,23 @@ async def _infer(targets: list[str], model: str, frames: np.ndarray) -> list[np.
 
 class BenchLoop:
     """`inferencefleet bench -c 16` against one target, run after run (15 s each) in a thread
-    until stopped: the requests answered and the ones that failed, summed over the runs."""
+    until stopped: per run, when it ended, the requests answered and the errors by code."""
 
     def __init__(self, target: str, model: str, workdir: Path) -> None:
         self.target, self.model, self.workdir = target, model, workdir
-        self.requests, self.failed, self.runs = 0, 0, 0
-        self.problems: list[str] = []
+        self.results: list[tuple[float, int, dict[str, int], str]] = []  # end, ok, errors, why
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @property
+    def runs(self) -> int:
+        return len(self.results)
+
+    def since(self, t0: float) -> tuple[int, int, list[str]]:
+        """Requests, failed requests and problems of the runs that ended after t0."""
+        runs = [r for r in self.results if r[0] > t0]
+        problems = [f"{why or errors}" for _, _, errors, why in runs if why or errors]
+        return sum(r[1] for r in runs), sum(sum(r[2].values()) for r in runs), problems
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -124,17 +134,12 @@ class BenchLoop:
                 "--json-file", str(out), "--quiet",
             ]  # fmt: skip
             done = subprocess.run(argv, capture_output=True, text=True, check=False)
-            self.runs += 1
             if done.returncode != 0 or not out.exists():
-                self.problems.append(
-                    f"run {self.runs}: exit {done.returncode}: {done.stderr[-500:]}"
-                )
+                why = f"bench exited {done.returncode}: {done.stderr[-500:]}"
+                self.results.append((time.monotonic(), 0, {}, why))
                 continue
-            for step in json.loads(out.read_text())["steps"]:
-                self.requests += step["requests"]
-                self.failed += sum(step["errors"].values())
-                if step["errors"]:
-                    self.problems.append(f"run {self.runs}: {step['errors']}")
+            step = json.loads(out.read_text())["steps"][0]
+            self.results.append((time.monotonic(), step["requests"], step["errors"], ""))
 
     def start(self) -> None:
         self._thread.start()
@@ -285,11 +290,21 @@ def check_the_fleet(
     }
     fleets.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(service))
     ip = json.loads(fleets.kubectl("get", "service", f"{NAME}-load", "-o", "json"))["spec"]
-    load = BenchLoop(f"{ip['clusterIP']}:8001", model, workdir)
+    address = f"{ip['clusterIP']}:8001"
+
+    def service_answers() -> bool:  # kube-proxy has the new Service's rules
+        try:
+            return bool(asyncio.run(_infer([address], model, frames[:1])))
+        except Exception:
+            return False
+
+    wait_until(f"{address} to answer", service_answers, timeout=60, interval=1)
+    load = BenchLoop(address, model, workdir)
     load.start()
     try:
-        wait_until("the load to run", lambda: load.requests > 0 or load.problems, 120, 1)
+        wait_until("a first run of the load", lambda: load.runs > 0, 120, 1)
         before = {p["metadata"]["uid"] for p in fleets.pods(NAME)}
+        rollout_at = time.monotonic()  # every run that ends from here on counts
         fleets.kubectl("rollout", "restart", f"deployment/{NAME}")
 
         def rolled() -> bool:
@@ -309,6 +324,9 @@ def check_the_fleet(
         wait_until("one more bench run after the scale-down", lambda: load.runs > runs + 1, 120)
     finally:
         load.stop()
-    print(f"under rollout and scale-down: {load.requests} requests, {load.failed} failed")
-    assert load.requests > 0
-    assert (load.failed, load.problems) == (0, [])
+    first = load.results[0]
+    print(f"before the rollout: {first[1]} requests, errors {first[2] or 'none'} {first[3]}")
+    requests, failed, problems = load.since(rollout_at)
+    print(f"under rollout and scale-down: {requests} requests, {failed} failed")
+    assert requests > 0
+    assert (failed, problems) == (0, [])

@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--retries", type=int, choices=range(0, 5), default=0, metavar="{0..4}",
-        help="retry a call that ends UNAVAILABLE (a worker draining or gone) up to this many "
-        "times, as gRPC's retry policy does (default 0: count it as failed)",
+        help="retry a call that ends UNAVAILABLE (a worker draining or gone) or that a stopping "
+        "server cancelled, up to this many times, as gRPC's retry policy does (default 0: count "
+        "it as failed)",
     )  # fmt: skip
     parser.add_argument(
         "--connect-timeout", type=positive_seconds, default=5.0,

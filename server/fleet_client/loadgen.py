@@ -42,8 +42,10 @@ class _StreamClosed(Exception):
 
 def retry_service_config(attempts: int) -> str:
     """gRPC's retry policy for the inference service: a call that ends UNAVAILABLE (a worker
-    draining or gone, a connection refused) is tried again, on whichever worker the balancer
-    picks, up to `attempts` times in all. Inference calls are idempotent."""
+    draining or gone, a connection refused) or that a stopping server cancelled before any
+    handler took it (grpc's server.stop() does that to calls still queued) is tried again, on
+    whichever worker the balancer picks, up to `attempts` times in all. Inference calls are
+    idempotent; a call the client itself cancels is never retried."""
     return json.dumps(
         {
             "methodConfig": [
@@ -54,7 +56,7 @@ def retry_service_config(attempts: int) -> str:
                         "initialBackoff": "0.1s",
                         "maxBackoff": "1s",
                         "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
+                        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                     },
                 }
             ]
