@@ -203,10 +203,14 @@ class Worker:
         for task in (watcher, siblings, self._gpu_memory):
             if task is not None:
                 task.cancel()
-        # New calls get UNAVAILABLE from the servicer; open calls finish and open streams answer
-        # what they admitted, then end. Once every handler has returned, its answer is with
-        # gRPC: stop() gives what is left (a health Watch) FLUSH_S and closes the server.
+        # stop() with the whole grace period at once: gRPC tells every client (GOAWAY) to send
+        # its next calls elsewhere, and a client behind a Service reconnects to another pod
+        # instead of retrying on this connection. A call that raced the GOAWAY comes back
+        # UNAVAILABLE (from the servicer) or CANCELLED (by gRPC, never handed to a handler):
+        # both safe to retry. Open calls finish and open streams answer what they admitted,
+        # then end; once every handler has returned, what is left (a health Watch) gets FLUSH_S.
         started = time.perf_counter()
+        stopping = asyncio.create_task(server.stop(config.grace_period_s))
         try:
             async with asyncio.timeout(config.grace_period_s):
                 await self.servicer.wait_idle()
@@ -214,6 +218,7 @@ class Worker:
             log.warning("grace period over with %d calls open: cancelling them", self.servicer.rpcs)
         left = max(0.0, config.grace_period_s - (time.perf_counter() - started))
         await server.stop(min(FLUSH_S, left))
+        await stopping
         await batcher.close()
         log.info("stopped")
 
