@@ -26,7 +26,13 @@ e2e="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$e2e")"
 cache="${INFERENCEFLEET_IMAGE_CACHE:-$HOME/.cache/inferencefleet/images}"
 # buildah's own storage, apart from any other containers-storage on the machine.
-driver="${INFERENCEFLEET_BUILDAH_DRIVER:-overlay}"
+mkdir -p "$cache"
+# overlay where the kernel can stack it on the cache's filesystem; vfs (full copies, slower)
+# where the cache itself sits on overlayfs, as inside a container.
+default_driver() {
+  [[ "$(stat -f -c %T "$cache" 2>/dev/null)" == overlayfs ]] && echo vfs || echo overlay
+}
+driver="${INFERENCEFLEET_BUILDAH_DRIVER:-$(default_driver)}"
 store=(--root "$cache/storage-$driver" --runroot "/run/inferencefleet-buildah-$driver" --storage-driver "$driver")
 chart_version="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$repo/charts/inferencefleet/Chart.yaml")"
 
