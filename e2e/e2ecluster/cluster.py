@@ -705,15 +705,14 @@ def start_real_node_device_plugin(state: State) -> None:
     code, text = api_get(state, f"/api/v1/nodes/{realnode.NODE_NAME}")
     if code != 200:
         raise ClusterError(f"GET node {realnode.NODE_NAME}: {code} {text[:200]}")
-    nvidia.start_pod(state, json.loads(text))
-
-    def advertised() -> bool:
-        _, body = api_get(state, f"/api/v1/nodes/{realnode.NODE_NAME}")
-        allocatable = json.loads(body).get("status", {}).get("allocatable") or {}
-        gpus = allocatable.get(profile.RESOURCE_GPU)
-        return nvidia.serving(state, realnode.NODE_NAME) and gpus == str(realnode.GPUS)
-
-    wait_for(state, f"{realnode.NODE_NAME}'s device plugin", advertised, 120)
+    node = json.loads(text)
+    nvidia.start_pod(state, node)
+    wait_for(
+        state,
+        f"{realnode.NODE_NAME}'s device plugin",
+        lambda: nvidia.advertising(state, [node]),
+        120,
+    )
 
 
 def node_ready(state: State, name: str = realnode.NODE_NAME) -> bool:

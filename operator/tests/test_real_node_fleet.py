@@ -50,8 +50,8 @@ def example_on_the_real_node(namespace: str) -> dict[str, Any]:
     spec = fleet["spec"]
     spec["replicas"] = 2  # 1 GPU x 4 time-slicing slots; two pods leave the CPUs some room
     spec["nodeSelector"] = {"inferencefleet.dev/real-node": "true"}
-    spec["tolerations"] = [{**realnode.TAINT, "operator": "Exists"}]
-    spec["tolerations"][0].pop("value", None)
+    taint = realnode.TAINT
+    spec["tolerations"] = [{"key": taint["key"], "operator": "Exists", "effect": taint["effect"]}]
     return fleet
 
 
