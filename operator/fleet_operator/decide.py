@@ -15,13 +15,10 @@ from fleet_spec.spec import FleetSpec, FleetSpecError, parse_fleet
 
 from fleet_operator.names import (
     DEVICE_PLUGIN_LABEL,
-    FLEET_LABEL,
-    MANAGED_BY,
-    MANAGED_BY_VALUE,
     PROFILE_LABEL,
 )
 from fleet_operator.names import fleet_id as make_fleet_id
-from fleet_operator.observe import Observations, profiles_by_node, slots_used
+from fleet_operator.observe import Observations, owns, profiles_by_node, slots_used
 from fleet_operator.render import Owner, render_children
 from fleet_operator.sharing import (
     CONFIG_SYNC_WAIT,
@@ -39,6 +36,7 @@ from fleet_operator.sharing import (
     release_patch,
 )
 from fleet_operator.status import Observed, compute_status, condition_events, failed_status
+from fleet_operator.tuning import plan_tune
 
 # Device plugin keys this operator writes (profile_key's shared names); only these are dropped.
 OUR_PROFILE_PREFIXES = ("timeslicing-", "mps-")
@@ -82,21 +80,6 @@ class Settings:
     worker_image: str
     worker_device: str = "cuda"  # the workers' --device ("cpu" where GPUs are simulated)
     device_plugin_configmap: str = "nvidia-device-plugin/device-plugin-config"  # "ns/name"
-
-
-def owns(fleet: Mapping[str, Any], child: Mapping[str, Any]) -> bool:
-    """Is the object this fleet's: its owner reference names the fleet's uid, or it carries our
-    labels for this fleet and no controller (left by an earlier fleet of the same name)."""
-    meta, fleet_meta = child.get("metadata") or {}, fleet["metadata"]
-    references = meta.get("ownerReferences") or []
-    if any(ref.get("uid") == fleet_meta.get("uid") for ref in references):
-        return True
-    labels = meta.get("labels") or {}
-    return (
-        not any(ref.get("controller") for ref in references)
-        and labels.get(MANAGED_BY) == MANAGED_BY_VALUE
-        and labels.get(FLEET_LABEL) == fleet_meta["name"]
-    )
 
 
 def covers(observed: Any, desired: Any) -> bool:
@@ -262,6 +245,21 @@ def decide(obs: Observations, settings: Settings, now: str) -> Decision:
         drop = _profiles_to_drop(obs, list(nodes.values()), plan.profile if plan.hold else None)
 
     applies, not_owned, deployment = _children(spec, obs, plan, settings)
+    tune = plan_tune(
+        spec,
+        obs.fleet,
+        obs.tune_jobs,
+        obs.tune_pods,
+        lambda job: owns(obs.fleet, job),
+        owner=_owner(obs.fleet),
+        image=spec.image or settings.worker_image,
+        device=settings.worker_device,
+        now=now,
+    )
+    if tune.job is not None:
+        applies.append(Apply(tune.job, force=tune.force))
+    if tune.event is not None:
+        events.append(Event(*tune.event))
     previous: Mapping[str, Any] = obs.fleet.get("status") or {}
     observed = Observed(
         generation=int(obs.fleet["metadata"].get("generation", 1)),
@@ -276,6 +274,8 @@ def decide(obs: Observations, settings: Settings, now: str) -> Decision:
         ),
     )
     status = compute_status(spec, observed, previous, now)
+    if tune.status is not None:
+        status["tune"] = dict(tune.status)
     events += [
         Event(kind, reason, message)
         for kind, reason, message in condition_events(

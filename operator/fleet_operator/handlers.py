@@ -26,11 +26,20 @@ from fleet_operator.names import (
     MANAGED_BY,
     MANAGED_BY_VALUE,
     PLURAL,
+    TUNE_LABEL,
     VERSION,
     batching_configmap_name,
     fleet_id,
 )
-from fleet_operator.observe import Observations, pod_fleet, trim_child, trim_node, trim_pod
+from fleet_operator.observe import (
+    Observations,
+    pod_fleet,
+    trim_child,
+    trim_job,
+    trim_node,
+    trim_pod,
+    trim_tune_pod,
+)
 from fleet_operator.reconcile import Reconciler, Retry, SpecInvalid
 
 RESYNC_SECONDS = 30.0  # the timer that looks again, whatever else happens
@@ -81,6 +90,16 @@ def pods_by_fleet(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
     return {(namespace, pod_fleet(body)): trim_pod(body)}
 
 
+@kopf.index("batch", "v1", "jobs", labels={TUNE_LABEL: kopf.PRESENT})
+def tune_jobs_by_fleet(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, body["metadata"]["labels"][TUNE_LABEL]): trim_job(body)}
+
+
+@kopf.index("", "v1", "pods", labels={TUNE_LABEL: kopf.PRESENT})
+def tune_pods_by_fleet(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, body["metadata"]["labels"][TUNE_LABEL]): trim_tune_pod(body)}
+
+
 def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a watched object that stays as it is while the watch moves on."""
     plain: dict[str, Any] = copy.deepcopy(dict(body))
@@ -112,6 +131,7 @@ def _observe(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, An
             children[(kind, child)] = found
     nodes = indexes["all_nodes"]
     pods = indexes["pods_by_fleet"]
+    jobs, tune_pods = indexes["tune_jobs_by_fleet"], indexes["tune_pods_by_fleet"]
     return Observations(
         fleet=fleet,
         nodes=list(nodes[None]) if None in nodes else [],
@@ -120,6 +140,10 @@ def _observe(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, An
         other_pods=[pod for key in pods if key != (namespace, name) for pod in pods[key]],
         fleets=frozenset(fleet_id(ns, n) for ns, n in indexes["fleets_by_name"]),
         watched=memo.watched,
+        tune_jobs={job["metadata"]["name"]: job for job in jobs.get((namespace, name), ())}
+        if (namespace, name) in jobs
+        else {},
+        tune_pods=list(tune_pods[(namespace, name)]) if (namespace, name) in tune_pods else [],
     )
 
 
@@ -254,6 +278,15 @@ async def deployment_moved(
 ) -> None:
     """A worker Deployment changed or was deleted: status and children, now."""
     await _child_moved(labels, namespace, memo, kwargs)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={TUNE_LABEL: kopf.PRESENT})
+async def tune_job_moved(
+    labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """A tune Job started, finished or went: status.tune says so now."""
+    if namespace and labels.get(MANAGED_BY) == MANAGED_BY_VALUE:
+        await _look_again(namespace, labels[TUNE_LABEL], memo, kwargs)
 
 
 @kopf.on.event("", "v1", "services", labels={MANAGED_BY: MANAGED_BY_VALUE})

@@ -13,8 +13,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from fleet_operator.kube import ApiError, ConfigMapRef
-from fleet_operator.names import FLEET_LABEL, MANAGED_BY, MANAGED_BY_VALUE, fleet_id
-from fleet_operator.observe import Observations, trim_child, trim_node, trim_pod
+from fleet_operator.names import FLEET_LABEL, MANAGED_BY, MANAGED_BY_VALUE, TUNE_LABEL, fleet_id
+from fleet_operator.observe import (
+    Observations,
+    trim_child,
+    trim_job,
+    trim_node,
+    trim_pod,
+    trim_tune_pod,
+)
 
 
 def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
@@ -75,6 +82,20 @@ class FakeKube:
             if kind == "Pod" and FLEET_LABEL in (body["metadata"].get("labels") or {}):
                 mine = ns == namespace and body["metadata"]["labels"][FLEET_LABEL] == name
                 (pods if mine else other_pods).append(trim_pod(body))
+        tune_jobs = {
+            child: trim_job(copy.deepcopy(body))
+            for (kind, ns, child), body in self.objects.items()
+            if kind == "Job"
+            and ns == namespace
+            and (body["metadata"].get("labels") or {}).get(TUNE_LABEL) == name
+        }
+        tune_pods = [
+            trim_tune_pod(copy.deepcopy(body))
+            for (kind, ns, _), body in self.objects.items()
+            if kind == "Pod"
+            and ns == namespace
+            and (body["metadata"].get("labels") or {}).get(TUNE_LABEL) == name
+        ]
         return Observations(
             fleet=fleet,
             nodes=[trim_node(copy.deepcopy(node)) for node in self.nodes.values()],
@@ -83,6 +104,8 @@ class FakeKube:
             other_pods=other_pods,
             fleets=frozenset(fleet_id(ns, n) for ns, n in self.fleets),
             watched=None,
+            tune_jobs=tune_jobs,
+            tune_pods=tune_pods,
         )
 
     # --- Kube ----------------------------------------------------------------------------

@@ -35,6 +35,10 @@ CLAIMS_ANNOTATION = f"{GROUP}/claimed-by"
 # The GPU slots each holder means to use on the node ("ns/name=4,..."), pods not yet made included.
 RESERVED_ANNOTATION = f"{GROUP}/reserved-slots"
 
+# The tune Job's pod carries TUNE_LABEL (the fleet's name) and not FLEET_LABEL: it is no worker.
+TUNE_LABEL = f"{GROUP}/tune"
+JOB_NAME_LABEL = "job-name"  # set by the Job controller on the Job's pods
+
 GRPC_PORT = 8001
 METRICS_PORT = 8002
 BATCHING_FILE = "batching.json"
@@ -48,6 +52,12 @@ def fleet_id(namespace: str, name: str) -> str:
 
 def batching_configmap_name(fleet: str) -> str:
     return f"{fleet}-batching"
+
+
+def tune_job_name(fleet: str, inputs: str) -> str:
+    """The tune Job of one set of inputs: fleet names have at most 50 characters, so this stays
+    within the 63 of a label value (the Job controller labels its pods with it)."""
+    return f"{fleet}-tune-{inputs[:7]}"
 
 
 def selector(fleet: str) -> str:

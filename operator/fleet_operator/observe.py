@@ -10,7 +10,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet_operator.names import FLEET_LABEL, PROFILE_LABEL, fleet_id
+from fleet_operator.names import (
+    FLEET_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_VALUE,
+    PROFILE_LABEL,
+    fleet_id,
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,10 @@ class Observations:
     # Keys of that ConfigMap old enough to be in the device plugin's volume by now; None: the
     # volume does not lag, so a key written in this pass may be selected in the same pass.
     synced_keys: frozenset[str] | None = None
+    tune_jobs: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=dict
+    )  # name -> Job (trimmed)
+    tune_pods: Sequence[Mapping[str, Any]] = ()  # pods of the fleet's tune Jobs (trimmed)
 
     def watches(self, namespace: str) -> bool:
         return self.watched is None or namespace in self.watched
@@ -60,6 +70,52 @@ def trim_child(obj: Mapping[str, Any], ours: bool) -> dict[str, Any]:
     body = {k: v for k, v in obj.items() if k != "metadata"}
     meta = _meta(obj, *keys, "annotations", "generation", "deletionTimestamp")
     return {**body, "metadata": meta}
+
+
+def trim_job(job: Mapping[str, Any]) -> dict[str, Any]:
+    """What the tune decision reads of a Job: owner, labels, whether and how it finished."""
+    status = job.get("status") or {}
+    conditions = [
+        {key: c[key] for key in ("type", "status", "reason", "message") if key in c}
+        for c in status.get("conditions") or []
+    ]
+    return {
+        "kind": "Job",
+        "metadata": _meta(job, "name", "namespace", "labels", "ownerReferences", "uid"),
+        "status": {"conditions": conditions},
+    }
+
+
+def trim_tune_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """What the tune decision reads of a tune Job's pod: its Job, node, phase, and how its
+    container ended (the termination message holds tune's result)."""
+    spec, status = pod.get("spec") or {}, pod.get("status") or {}
+    ended = []
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            keys = ("exitCode", "reason", "message")
+            ended.append({key: terminated[key] for key in keys if key in terminated})
+    return {
+        "metadata": _meta(pod, "name", "namespace", "labels"),
+        "spec": {"nodeName": spec.get("nodeName")},
+        "status": {"phase": status.get("phase"), "terminated": ended},
+    }
+
+
+def owns(fleet: Mapping[str, Any], child: Mapping[str, Any]) -> bool:
+    """Is the object this fleet's: its owner reference names the fleet's uid, or it carries our
+    labels for this fleet and no controller (left by an earlier fleet of the same name)."""
+    meta, fleet_meta = child.get("metadata") or {}, fleet["metadata"]
+    references = meta.get("ownerReferences") or []
+    if any(ref.get("uid") == fleet_meta.get("uid") for ref in references):
+        return True
+    labels = meta.get("labels") or {}
+    return (
+        not any(ref.get("controller") for ref in references)
+        and labels.get(MANAGED_BY) == MANAGED_BY_VALUE
+        and labels.get(FLEET_LABEL) == fleet_meta["name"]
+    )
 
 
 def trim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:

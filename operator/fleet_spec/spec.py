@@ -71,6 +71,14 @@ class GpuSpec:
 
 
 @dataclass(frozen=True)
+class TuneSpec:
+    """spec.tune: the operator runs `inferencefleet tune` as a Job with these budgets."""
+
+    p99_ms: float
+    budget_s: int = 120
+
+
+@dataclass(frozen=True)
 class FleetSpec:
     name: str
     namespace: str
@@ -83,6 +91,7 @@ class FleetSpec:
     resources: dict[str, dict[str, str | int]] = field(default_factory=dict)
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
+    tune: TuneSpec | None = None
 
 
 @functools.cache
@@ -216,4 +225,11 @@ def parse_fleet(manifest: Mapping[str, Any]) -> FleetSpec:
         resources=copy.deepcopy(spec.get("resources", {})),
         node_selector=dict(spec.get("nodeSelector", {})),
         tolerations=copy.deepcopy(spec.get("tolerations", [])),
+        tune=_tune(spec.get("tune")),
     )
+
+
+def _tune(tune: Mapping[str, Any] | None) -> TuneSpec | None:
+    if tune is None:
+        return None
+    return TuneSpec(p99_ms=float(tune["p99Ms"]), budget_s=int(tune["budgetSeconds"]))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from fleet_local.plan import LocalHost
 from fleet_spec.contract import BatchSettings
 from fleet_spec.spec import FleetSpec
 from rich.table import Table
@@ -96,6 +97,27 @@ def outcome_json(outcome: Outcome, p99_budget_ms: float) -> dict[str, Any]:
             for t in outcome.trials
         ],
     }  # fmt: skip
+
+
+def result_json(
+    spec: FleetSpec, outcome: Outcome, p99_budget_ms: float, host: LocalHost
+) -> dict[str, Any]:
+    """The recommendation alone, small enough for a termination message: the fragment's spec
+    fields, the winner's confirming window, where it ran."""
+    winner, confirmed = outcome.winner, outcome.confirmed
+    if winner is None or confirmed is None:
+        raise ValueError("no winner to report")
+    return {
+        "recommendation": fragment(spec, winner, bool(host.gpus))["spec"],
+        "workers": winner.workers,
+        "framesPerSecond": round(confirmed.frames_per_s, 1),
+        "p99Ms": None if math.isnan(confirmed.p99_ms) else round(confirmed.p99_ms, 2),
+        "p99BudgetMs": p99_budget_ms,
+        "withinBudget": confirmed.within(p99_budget_ms),
+        "measurements": len(outcome.trials),
+        "seconds": round(outcome.elapsed_s, 1),
+        "device": host.gpus[0].name if host.gpus else f"cpu ({host.cores} cores)",
+    }
 
 
 def plot_outcome(outcome: Outcome, p99_budget_ms: float, path: Path, title: str) -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import yaml
 from fleet_client.argtypes import at_least_one, int_list, non_negative_seconds, positive_seconds
 from fleet_client.targets import TargetError
 from fleet_local.host import discover
@@ -22,7 +25,13 @@ from fleet_spec.spec import API_VERSION, KIND, FleetSpec, FleetSpecError, parse_
 from rich.console import Console
 
 from fleet_tune.measure import FleetBench, Setup, TuneError
-from fleet_tune.report import fragment_text, outcome_json, plot_outcome, trials_table
+from fleet_tune.report import (
+    fragment_text,
+    outcome_json,
+    plot_outcome,
+    result_json,
+    trials_table,
+)
 from fleet_tune.search import (
     Config,
     Grid,
@@ -33,6 +42,7 @@ from fleet_tune.search import (
     SearchError,
 )
 
+ENV_PREFIX = "env:"
 CPU_BATCHES = "1,2,4,8,16"
 GPU_BATCHES = "1,2,4,8,16,32"
 DELAYS_US = "0,250,1000,4000"
@@ -46,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "maxQueueDelayMicroseconds against real workers for the most frames/s within a p99 "
         "budget; prints every measurement, a plot and a fleet.yaml fragment.",
     )
-    p.add_argument("source", help="a fleet.yaml, or a model source (builtin:tiny, a model file)")
+    p.add_argument(
+        "source",
+        help="a fleet.yaml, a model source (builtin:tiny, a model file), or env:NAME: a fleet "
+        "manifest (YAML or JSON) in the environment variable NAME",
+    )
     add_search_arguments(p)
     return p
 
@@ -85,12 +99,20 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-dir", type=Path, help="worker logs (default: a temp dir)")
     p.add_argument("--json-file", type=Path, help="write every measurement and the result here")
     p.add_argument("--plot", type=Path, help="write frames/s vs p99 per configuration (PNG)")
+    p.add_argument(
+        "--result-file",
+        type=Path,
+        help="write the recommendation alone as one line of JSON (at most 4 KiB: a Kubernetes "
+        "termination message; the operator's tune Job passes /dev/termination-log)",
+    )
 
 
 def load_spec(source: str) -> FleetSpec:
     """A fleet.yaml, or a fleet around a bare model source (defaults for everything else)."""
     path = Path(source)
-    if path.suffix in (".yaml", ".yml"):
+    if source.startswith(ENV_PREFIX):
+        spec = parse_fleet(manifest_from_env(source[len(ENV_PREFIX) :]))
+    elif path.suffix in (".yaml", ".yml"):
         spec = read_fleet(path)
     else:
         manifest = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "tune"},
@@ -98,6 +120,21 @@ def load_spec(source: str) -> FleetSpec:
         spec = parse_fleet(manifest)
     check_model_file(spec)
     return spec
+
+
+def manifest_from_env(name: str) -> dict[str, Any]:
+    """A fleet manifest held in an environment variable (how the operator's tune Job passes
+    the fleet)."""
+    text = os.environ.get(name)
+    if not text:
+        raise FleetSpecError([(f"${name}", "is not set (env: names a variable holding a fleet)")])
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise FleetSpecError([(f"${name}", f"is not YAML or JSON: {exc}")]) from exc
+    if not isinstance(document, dict):
+        raise FleetSpecError([(f"${name}", "must hold one InferenceFleet manifest")])
+    return document
 
 
 def one_gpu(host: LocalHost, device: str) -> LocalHost:
@@ -243,6 +280,9 @@ def show(
         )
         out.print(f"[red]the winner's final window missed p99 <= {args.p99_ms:g} ms: {why}[/red]")
     print(fragment_text(spec, winner, confirmed, bool(host.gpus)), end="")
+    if args.result_file is not None:
+        document = result_json(spec, outcome, args.p99_ms, host)
+        args.result_file.write_text(json.dumps(document, separators=(",", ":")) + "\n")
     return 0 if confirmed.within(args.p99_ms) else 1
 
 

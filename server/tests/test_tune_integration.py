@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fleet_local.run import taken_ports
+from fleet_operator.tuning import parse_result
 from fleet_spec.spec import API_VERSION, KIND, parse_fleet
 
 pytestmark = pytest.mark.integration
@@ -33,17 +34,23 @@ def free_port_run(length: int) -> int:
 def test_tune_tiny_workers_prints_a_fragment_that_is_a_valid_fleet(tmp_path: Path) -> None:
     port = free_port_run(3)
     json_file, plot = tmp_path / "tune.json", tmp_path / "tune.png"
+    result_file = tmp_path / "termination-log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(SERVER_DIR), str(SERVER_DIR.parent / "operator"), os.environ.get("PYTHONPATH", "")]
     )}  # fmt: skip
+    # The fleet comes from the environment, as the operator's tune Job passes it.
+    env["TUNE_FLEET"] = json.dumps({"apiVersion": API_VERSION, "kind": KIND,
+                                    "metadata": {"name": "cam"},
+                                    "spec": {"model": {"source": "builtin:tiny"}}})  # fmt: skip
     done = subprocess.run(
         [
-            sys.executable, "-m", "inferencefleet.cli", "tune", "builtin:tiny",
+            sys.executable, "-m", "inferencefleet.cli", "tune", "env:TUNE_FLEET",
             "--image-size", "32", "--device", "cpu", "--port", str(port),
             "--workers", "1,2", "--batch-sizes", "1,4", "--delays-us", "0,500",
             "--first-window-s", "0.3", "--final-window-s", "0.6", "--warmup-s", "0.2",
             "--budget-s", "6", "--p99-ms", "60000",
             "--json-file", str(json_file), "--plot", str(plot), "--log-dir", str(tmp_path / "logs"),
+            "--result-file", str(result_file),
         ],
         capture_output=True, text=True, timeout=600, env=env, check=False,
     )  # fmt: skip
@@ -61,6 +68,17 @@ def test_tune_tiny_workers_prints_a_fragment_that_is_a_valid_fleet(tmp_path: Pat
     merged = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "tuned"},
               "spec": {"model": {"source": "builtin:tiny"}, **fragment["spec"]}}  # fmt: skip
     assert parse_fleet(merged).batching.max_batch_size == document["winner"]["maxBatchSize"]
+    # the one-line result the operator reads from the tune pod's termination message
+    line = result_file.read_text()
+    assert len(line.encode()) <= 4096
+    assert line.count("\n") == 1
+    result = parse_result(line)
+    assert result is not None, line
+    assert result["recommendation"] == fragment["spec"]
+    assert result["workers"] == document["winner"]["workers"]
+    assert result["framesPerSecond"] == round(document["confirmed"]["frames_per_s"], 1)
+    assert result["withinBudget"] is True
+    assert result["p99BudgetMs"] == 60000
     # every worker it started is gone
     assert taken_ports("127.0.0.1", [port, port + 1, port + 2]) == []
 
@@ -83,3 +101,9 @@ def test_tune_refuses_bad_input_naming_it(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "--budget-s 1" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "inferencefleet.cli", "tune", "env:INFERENCEFLEET_NO_SUCH_VAR"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "$INFERENCEFLEET_NO_SUCH_VAR: is not set" in done.stderr

@@ -36,7 +36,13 @@ only the verbs the operator uses; no wildcards, no secrets. Server-side apply ne
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list", "watch", "create", "patch"]
-# Status reports placement per node from the worker pods (an index of them).
+# spec.tune: a Job running `inferencefleet tune`, server-side applied and watched (its end is
+# read from its pod's termination message). Finished Jobs expire by their TTL.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create", "patch"]
+# Status reports placement per node from the worker pods (an index of them), and the tune
+# result from the tune pod's termination message.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]

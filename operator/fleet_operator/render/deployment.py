@@ -30,6 +30,21 @@ from fleet_operator.render.common import Owner, metadata
 from fleet_operator.sharing import GPU_TOLERATION, product_values
 
 RUN_AS = 65532
+# Pod Security `restricted`, and a read-only root: every pod the operator makes runs so.
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS,
+    "runAsGroup": RUN_AS,
+    "fsGroup": RUN_AS,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 
 
 def worker_settings(spec: FleetSpec, device: str = "cuda") -> WorkerSettings:
@@ -49,16 +64,19 @@ def worker_settings(spec: FleetSpec, device: str = "cuda") -> WorkerSettings:
     )
 
 
+def product_affinity(spec: FleetSpec) -> dict[str, Any]:
+    """A node selector requirement: a node of the fleet's GPU product (any GPU node if unset)."""
+    if spec.gpu.product is None:
+        return {"key": PRODUCT_LABEL, "operator": "Exists"}
+    return {"key": PRODUCT_LABEL, "operator": "In", "values": product_values(spec.gpu.product)}
+
+
 def node_affinity(spec: FleetSpec, profile: str) -> dict[str, Any]:
     """Only nodes of the GPU product that run the fleet's GPU profile (the nodes it holds)."""
-    product: dict[str, Any] = {"key": PRODUCT_LABEL, "operator": "Exists"}
-    if spec.gpu.product is not None:
-        product = {
-            "key": PRODUCT_LABEL,
-            "operator": "In",
-            "values": product_values(spec.gpu.product),
-        }
-    expressions = [product, {"key": PROFILE_LABEL, "operator": "In", "values": [profile]}]
+    expressions = [
+        product_affinity(spec),
+        {"key": PROFILE_LABEL, "operator": "In", "values": [profile]},
+    ]
     return {
         "requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": expressions}]
@@ -66,7 +84,7 @@ def node_affinity(spec: FleetSpec, profile: str) -> dict[str, Any]:
     }
 
 
-def _resources(spec: FleetSpec) -> dict[str, Any]:
+def gpu_resources(spec: FleetSpec) -> dict[str, Any]:
     resources: dict[str, Any] = {
         "limits": {**spec.resources.get("limits", {}), GPU_RESOURCE: 1},
     }
@@ -105,23 +123,17 @@ def _container(spec: FleetSpec, image: str, device: str) -> dict[str, Any]:
             {"name": "HOME", "value": "/tmp"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
         ],
-        "resources": _resources(spec),
+        "resources": gpu_resources(spec),
         # Loading and warming a model takes a while: 5 minutes before liveness counts.
         "startupProbe": _grpc_probe("", period=5, failures=60),
         "livenessProbe": _grpc_probe("", period=10, failures=3),
         "readinessProbe": _grpc_probe(HEALTH_SERVICE, period=5, failures=2),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": mounts,
     }
 
 
-def _volumes(spec: FleetSpec, owner: Owner) -> list[dict[str, Any]]:
+def pod_volumes(spec: FleetSpec, owner: Owner) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
         # A directory mount, not subPath: the kubelet then updates the file in place.
         {"name": "batching", "configMap": {"name": batching_configmap_name(owner.name)}},
@@ -144,13 +156,7 @@ def pod_template(
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 35,  # the worker drains for 30 s after SIGTERM
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": dict(POD_SECURITY),
         "affinity": {"nodeAffinity": node_affinity(spec, profile)},
         "topologySpreadConstraints": [
             {
@@ -162,7 +168,7 @@ def pod_template(
         ],
         "tolerations": [GPU_TOLERATION, *spec.tolerations],
         "containers": [_container(spec, image, device)],
-        "volumes": _volumes(spec, owner),
+        "volumes": pod_volumes(spec, owner),
     }
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
