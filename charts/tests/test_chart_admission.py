@@ -23,6 +23,7 @@ DEVICE_PLUGIN_NS = "nvidia-device-plugin"
 DEVICE_PLUGIN_CONFIGMAP = "device-plugin-config"
 
 NOT_MANAGED = "the InferenceFleet operator may write only objects it manages"
+ONLY_TUNE_JOBS = "may run only `inferencefleet tune` in a Job"
 NOT_THE_DEVICE_PLUGIN_CONFIGMAP = (
     f"the InferenceFleet operator may write only the ConfigMap {DEVICE_PLUGIN_CONFIGMAP} "
     f"in namespace {DEVICE_PLUGIN_NS}"
@@ -107,6 +108,19 @@ def workload(kind: str, name: str, namespace: str, *, managed: bool, owned: bool
     }
 
 
+def tune_job(deployment_like: dict[str, Any]) -> dict[str, Any]:
+    """workload()'s object as a Job running `inferencefleet tune` (as the operator renders)."""
+    template = deployment_like["spec"]["template"]
+    template["spec"]["restartPolicy"] = "Never"
+    template["spec"]["containers"][0]["command"] = ["inferencefleet", "tune"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": deployment_like["metadata"],
+        "spec": {"backoffLimit": 0, "template": template},
+    }
+
+
 def apply(cluster: Any, who: str, manifest: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     return as_user(
         cluster, who, "apply", "--server-side", "--field-manager=inferencefleet-operator",
@@ -132,6 +146,18 @@ def test_policy_refuses_the_operator_what_it_does_not_manage(
     for kind in ("Deployment", "ConfigMap"):
         out = apply(cluster, who, workload(kind, "mine", ns, managed=True, owned=True))
         assert out.returncode == 0, out.stderr
+
+    # A Job: only `inferencefleet tune` (spec.tune), managed and owned like any child.
+    for command, allowed in ((["inferencefleet", "tune"], True), (["sh", "-c", "id"], False)):
+        job = tune_job(workload("Job", f"job-{allowed}".lower(), ns, managed=True, owned=True))
+        job["spec"]["template"]["spec"]["containers"][0]["command"] = command
+        out = apply(cluster, who, job)
+        if allowed:
+            assert out.returncode == 0, out.stderr
+        else:
+            assert refused(out, ONLY_TUNE_JOBS), out.stderr
+    out = apply(cluster, who, tune_job(workload("Job", "bare", ns, managed=False, owned=False)))
+    assert refused(out, NOT_MANAGED), out.stderr
 
     # Someone else's ConfigMap of the same name is not adopted by labelling it.
     cluster.kubectl("create", "configmap", "theirs", "-n", ns, "--from-literal=k=v")

@@ -118,6 +118,7 @@ class KubeApi:
         self.apps = client.AppsV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.policy = client.PolicyV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
         self._cache: dict[ConfigMapRef, tuple[float, dict[str, str] | None]] = {}
         self._cache_lock = threading.Lock()
 
@@ -136,6 +137,7 @@ class KubeApi:
             "Service": self.core.patch_namespaced_service,
             "ConfigMap": self.core.patch_namespaced_config_map,
             "PodDisruptionBudget": self.policy.patch_namespaced_pod_disruption_budget,
+            "Job": self.batch.patch_namespaced_job,
         }
         if kind not in writers:
             raise ValueError(f"no apply for kind {kind}")

@@ -278,3 +278,41 @@ def test_an_object_someone_else_made_is_neither_taken_nor_deleted(fleets: Any) -
     )
     survivor = json.loads(fleets.kubectl("get", "configmap", "squatter-batching", "-o", "json"))
     assert survivor["data"] == {"owner": "someone else"}
+
+
+def test_tune_runs_as_a_job_and_its_end_reaches_status(fleets: Any) -> None:
+    """spec.tune on kwok: the real Job controller and scheduler run the operator's tune Job on
+    a node of the fleet's product; kwok ends its pod as it ends every Job's pod (exit 0, no
+    termination message), so status.tune must say the run gave no result. The real run, with
+    a result, is in test_real_node_fleet.py."""
+    fleets.apply(fleets.manifest("tuner", replicas=1, tune={"p99Ms": 40, "budgetSeconds": 10}))
+
+    def ended() -> dict[str, Any] | None:
+        tune = ((fleets.get("tuner") or {}).get("status") or {}).get("tune") or {}
+        return tune if tune.get("state") in ("Succeeded", "Failed") else None
+
+    tune = wait_until("status.tune ends", ended, timeout=90)
+    assert tune["message"] == "the tune pod ended without a result (exit code 0)", tune
+    assert tune["p99BudgetMs"] == 40
+    job = json.loads(fleets.kubectl("get", "job", tune["job"], "-o", "json"))
+    assert job["metadata"]["ownerReferences"][0]["name"] == "tuner"
+    assert job["status"].get("succeeded") == 1
+    (pod,) = json.loads(
+        fleets.kubectl("get", "pods", "-l", f"job-name={tune['job']}", "-o", "json")
+    )["items"]
+    node = _node(fleets.cluster, pod["spec"]["nodeName"])
+    assert (
+        node["metadata"]["labels"]["nvidia.com/gpu.product"]
+        == fleets.manifest("x")["spec"]["gpu"]["product"]
+    )
+    assert tune["node"] == pod["spec"]["nodeName"]
+    # no worker: the fleet's selector does not take the tune pod
+    assert pod["metadata"]["uid"] not in _uids(fleets.pods("tuner"))
+    assert "failed" in fleets.kubectl("get", "ifleet", "tuner")
+    # one run per set of inputs: the ended run is not started again
+    fleets.kubectl("annotate", "ifleet", "tuner", "example.com/poke=1")
+    fleets.wait_ready("tuner")
+    jobs = json.loads(
+        fleets.kubectl("get", "jobs", "-l", "inferencefleet.dev/tune=tuner", "-o", "json")
+    )
+    assert [j["metadata"]["name"] for j in jobs["items"]] == [tune["job"]]
