@@ -130,6 +130,7 @@ class WorkerSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     max_concurrent_rpcs: int = 1000
     grace_period_s: float = 30.0
+    deregister_delay_s: float = 0.0
     watch_interval_s: float = 1.0
     worker_index: int = 0
     reuse_port: bool = False
@@ -147,6 +148,7 @@ class WorkerSettings:
             ("--max-message-bytes", self.max_message_bytes >= 1024, "must be >= 1024"),
             ("--max-concurrent-rpcs", self.max_concurrent_rpcs >= 1, "must be >= 1"),
             ("--grace-period-s", self.grace_period_s >= 0, "must be >= 0"),
+            ("--deregister-delay-s", self.deregister_delay_s >= 0, "must be >= 0"),
             ("--watch-interval-s", self.watch_interval_s > 0, "must be > 0"),
             ("--worker-index", self.worker_index >= 0, "must be >= 0"),
         ]
@@ -248,6 +250,13 @@ _FLAGS = (
         "calls and streams served at once; more get RESOURCE_EXHAUSTED",
     ),
     _Flag("--grace-period-s", "grace_period_s", float, "drain time after SIGTERM (default 30)"),
+    _Flag(
+        "--deregister-delay-s",
+        "deregister_delay_s",
+        float,
+        "after SIGTERM, report NOT_SERVING but go on serving this long before the drain, while "
+        "Services stop routing new connections here (default 0; the operator's pods use 5)",
+    ),
     _Flag("--watch-interval-s", "watch_interval_s", float, "", hidden=True),
     _Flag("--worker-index", "worker_index", int, "", hidden=True),
     _Flag("--reuse-port", "reuse_port", bool, "", hidden=True),

@@ -185,6 +185,7 @@ def test_example_fleet_serves_on_the_real_node(
     # The node's GPU is simulated: the workers run the model on the CPU.
     with start_operator(extra=("--worker-device", "cpu")):
         check_the_fleet(cluster, namespace, fleet_ops, worker_image, local_worker, tmp_path)
+        check_tune(fleet_ops, worker_image)
 
 
 def check_the_fleet(
@@ -330,3 +331,37 @@ def check_the_fleet(
     print(f"under rollout and scale-down: {requests} requests, {failed} failed")
     assert requests > 0
     assert (failed, problems) == (0, [])
+
+
+def check_tune(fleets: Any, worker_image: str) -> None:
+    """spec.tune for real: the operator's Job runs `inferencefleet tune` in the worker image on
+    the node, and its recommendation reaches status.tune and `kubectl get`, not the spec; the
+    serving pods are left as they are."""
+    before = {p["metadata"]["uid"] for p in fleets.pods(NAME)}
+    spec_before = (fleets.get(NAME) or {})["spec"]
+    tune = {"p99Ms": 5000, "budgetSeconds": 20}
+    fleets.kubectl(
+        "patch", "ifleet", NAME, "--type=merge", "-p", json.dumps({"spec": {"tune": tune}})
+    )
+    started = time.monotonic()
+
+    def ended() -> dict[str, Any] | None:
+        status = ((fleets.get(NAME) or {}).get("status") or {}).get("tune") or {}
+        return status if status.get("state") in ("Succeeded", "Failed") else None
+
+    # the tune pod imports torch and starts its workers on the 2 shared CPUs, then measures 20 s
+    status = wait_until("the tune Job to end", ended, timeout=480, interval=2)
+    print(f"tune: {status.get('summary')} ({status.get('message')}); "
+          f"spec.tune to status {time.monotonic() - started:.0f} s")  # fmt: skip
+    assert status["state"] == "Succeeded", status
+    job = json.loads(fleets.kubectl("get", "job", status["job"], "-o", "json"))
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == worker_image
+    assert status["node"] == realnode.NODE_NAME
+    recommendation = status["recommendation"]
+    assert recommendation["batching"]["maxBatchSize"] in (1, 2, 4, 8, 16)
+    assert recommendation["replicas"] in (1, 2)  # worker processes on the node's 2 CPUs
+    assert status["framesPerSecond"] > 0
+    assert status["summary"] in fleets.kubectl("get", "ifleet", NAME)
+    after = fleets.get(NAME) or {}
+    assert after["spec"] == {**spec_before, "tune": tune}  # never written into the spec
+    assert {p["metadata"]["uid"] for p in fleets.pods(NAME)} == before

@@ -53,8 +53,8 @@ def retry_service_config(attempts: int) -> str:
                     "name": [{"service": "inference.GRPCInferenceService"}],
                     "retryPolicy": {
                         "maxAttempts": attempts,
-                        "initialBackoff": "0.1s",
-                        "maxBackoff": "1s",
+                        "initialBackoff": "0.5s",
+                        "maxBackoff": "4s",
                         "backoffMultiplier": 2,
                         "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                     },

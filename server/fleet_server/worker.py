@@ -195,6 +195,16 @@ class Worker:
             log.info("SERVING model %r on port %d", config.served_name, self.port)
         await self._stop.wait()
 
+        if config.deregister_delay_s > 0:
+            # A pod being deleted leaves its Services' endpoints at once, but each node's proxy
+            # takes a moment to stop routing new connections here. Until then, answer them:
+            # a refused connection would fail every call queued on a client's channel.
+            await self._set_health(False)
+            log.info(
+                "shutting down: NOT_SERVING, still serving for %.1fs while endpoints update",
+                config.deregister_delay_s,
+            )
+            await asyncio.sleep(config.deregister_delay_s)
         log.info("shutting down: NOT_SERVING, draining for up to %.1fs", config.grace_period_s)
         self.servicer.begin_drain()
         if self._siblings is not None:

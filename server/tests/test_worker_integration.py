@@ -248,6 +248,34 @@ def test_not_serving_until_warm_and_sigterm_drains_in_flight_calls(
     assert any("shutting down" in line for line in worker.log)
 
 
+def test_deregister_delay_serves_new_connections_while_not_serving(
+    start_worker: Callable[..., Any], frames: Frames
+) -> None:
+    """With --deregister-delay-s, SIGTERM turns health NOT_SERVING at once, but a client that
+    connects in that time (kube-proxy still routing here) is answered; then the drain refuses
+    new calls and the process ends cleanly."""
+    worker = start_worker(
+        "--model", "builtin:tiny", "--deregister-delay-s", "4", "--grace-period-s", "5"
+    )  # fmt: skip
+    x = frames(2, seed=3)
+
+    async def one_call() -> tuple[str, tuple[grpc.StatusCode, str]]:
+        async with InferenceClient(worker.target) as client:  # a new connection each time
+            return await client.health(), await _code(client.infer("tiny", x, deadline_s=5))
+
+    os.kill(worker.proc.pid, signal.SIGTERM)
+    worker.wait_for(re.compile(r"still serving for 4\.0s"), within_s=30)
+    health, answered = asyncio.run(one_call())
+    assert health == "NOT_SERVING"
+    assert answered == (grpc.StatusCode.OK, "")
+    assert not any("draining for up to" in line for line in worker.log)  # still in the delay
+    worker.wait_for(re.compile(r"draining for up to"), within_s=30)
+    assert worker.proc.wait(timeout=30) == 0
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        asyncio.run(one_call())
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
 def test_batching_file_changes_apply_without_restart(
     start_worker: Callable[..., Any], tmp_path: Path
 ) -> None:

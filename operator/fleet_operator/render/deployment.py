@@ -30,6 +30,8 @@ from fleet_operator.render.common import Owner, metadata
 from fleet_operator.sharing import GPU_TOLERATION, product_values
 
 RUN_AS = 65532
+DEREGISTER_S = 5.0  # serving on after SIGTERM while kube-proxy stops sending connections here
+DRAIN_S = 30.0  # then answering what was admitted
 # Pod Security `restricted`, and a read-only root: every pod the operator makes runs so.
 POD_SECURITY = {
     "runAsNonRoot": True,
@@ -61,6 +63,8 @@ def worker_settings(spec: FleetSpec, device: str = "cuda") -> WorkerSettings:
         device=device,
         precision=spec.model.precision,
         batching_config=Path(BATCHING_DIR, BATCHING_FILE),
+        grace_period_s=DRAIN_S,
+        deregister_delay_s=DEREGISTER_S,
     )
 
 
@@ -155,7 +159,8 @@ def pod_template(
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 35,  # the worker drains for 30 s after SIGTERM
+        # after SIGTERM the worker serves on while endpoints update, then drains; then SIGKILL
+        "terminationGracePeriodSeconds": int(DEREGISTER_S + DRAIN_S) + 5,
         "securityContext": dict(POD_SECURITY),
         "affinity": {"nodeAffinity": node_affinity(spec, profile)},
         "topologySpreadConstraints": [
