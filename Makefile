@@ -24,7 +24,7 @@ node-deps: ## install the Debian packages of the test cluster's real node (conta
 
 test: setup cluster-build node-deps ## set everything up and run every test: lint, types, unit, integration, e2e
 	@$(MAKE) --no-print-directory lint typecheck
-	@$(PY) -m pytest
+	@scripts/test-all.sh
 
 lint: ## ruff
 	@$(VENV)/bin/ruff check .

@@ -46,11 +46,15 @@ RUN /opt/inferencefleet/bin/pip wheel --no-deps --wheel-dir /wheel .
 # the project's wheel installed on top.
 FROM deps
 COPY --from=wheel /wheel /tmp/wheel
+# `inferencefleet tune` (the operator's tune Job) reads the fleet with the CRD's schema.
+COPY crds/inferencefleet.yaml /opt/inferencefleet/crds/inferencefleet.yaml
 RUN /opt/inferencefleet/bin/pip install --no-deps --no-cache-dir /tmp/wheel/*.whl \
  && rm -rf /tmp/wheel /src \
- && /opt/inferencefleet/bin/python -c "import fleet_server.serve, fleet_client.client, fleet_tune.tune"
+ && INFERENCEFLEET_CRD=/opt/inferencefleet/crds/inferencefleet.yaml \
+    /opt/inferencefleet/bin/python -c "import fleet_server.serve, fleet_client.client, fleet_tune.tune, fleet_spec.spec as s; s.crd()"
 WORKDIR /
 ENV PATH=/opt/inferencefleet/bin:$PATH \
+    INFERENCEFLEET_CRD=/opt/inferencefleet/crds/inferencefleet.yaml \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_VISIBLE_DEVICES=all \
