@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= builtin:resnet18
 
-.PHONY: help setup cluster-build node-deps demo test lint typecheck unit proto bench-server bench-tune gpu-check bench-local bench-client bench-operator bench-chaos-operator clean chart-sync-crd
+.PHONY: help setup cluster-build node-deps test-deps demo test lint typecheck unit proto bench-server bench-tune gpu-check bench-local bench-client bench-operator bench-chaos-operator clean chart-sync-crd
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -22,9 +22,15 @@ demo: setup ## run the main job: a local fleet from examples/fleet.yaml, served 
 node-deps: ## install the Debian packages of the test cluster's real node (containerd, runc, CNI, buildah, ...)
 	@e2e/install-node-deps.sh
 
-test: setup cluster-build node-deps ## set everything up and run every test: lint, types, unit, integration, e2e
+test: ## set everything up and run every test: lint, types, unit, integration, e2e
+	@# the cluster's Go build (CPU) beside the Debian packages and the venv (mostly downloads)
+	@$(MAKE) --no-print-directory -j2 cluster-build test-deps
 	@$(MAKE) --no-print-directory lint typecheck
 	@scripts/test-all.sh
+
+test-deps: ## node-deps, then setup (one after the other: both may run apt-get)
+	@e2e/install-node-deps.sh
+	@scripts/setup-venv.sh
 
 lint: ## ruff
 	@$(VENV)/bin/ruff check .
