@@ -214,7 +214,7 @@ def test_killed_worker_is_restarted_and_bench_reports_errors(fleet: LocalFleet) 
     assert step["requests"] > 0
     wait_for(
         "w1 restarted",
-        lambda: fleet.workers()["w1"][1:] == ("ready", restarts + 1),
+        lambda: fleet.workers()["w1"][1] == "ready" and fleet.workers()["w1"][2] > restarts,
     )
     assert fleet.workers()["w1"][0] != pid
     assert not alive(pid)
@@ -226,7 +226,10 @@ def test_worker_that_stops_answering_is_restarted(fleet: LocalFleet) -> None:
     os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
     try:
         wait_for("w2 unresponsive", lambda: fleet.workers()["w2"][1] == "unresponsive")
-        wait_for("w2 restarted", lambda: fleet.workers()["w2"][1:] == ("ready", restarts + 1))
+        wait_for(
+            "w2 restarted",
+            lambda: fleet.workers()["w2"][1] == "ready" and fleet.workers()["w2"][2] > restarts,
+        )
     finally:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)

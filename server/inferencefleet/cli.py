@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -35,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"inferencefleet: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    # Before grpc is imported: every process these commands start is forked only to exec, so
+    # gRPC's fork handlers have nothing to protect. With them on, a fork that raced gRPC's own
+    # threads (`run` probing workers while it restarts one) sometimes aborted the new worker.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     module = importlib.import_module(SUBCOMMANDS[name][0])
     entry: Callable[[list[str]], int] = module.main
     return entry(rest)
