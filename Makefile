@@ -28,9 +28,12 @@ test: ## set everything up and run every test: lint, types, unit, integration, e
 	@$(MAKE) --no-print-directory lint typecheck
 	@scripts/test-all.sh
 
-test-deps: ## node-deps, then setup (one after the other: both may run apt-get)
+test-deps: ## node-deps, setup, then the real node's images (one after the other: apt-get, buildah)
 	@e2e/install-node-deps.sh
 	@scripts/setup-venv.sh
+	@# built now, beside the cluster's Go build, rather than inside the real node's tests
+	@e2e/images.sh operator worker >/dev/null \
+		|| echo "images: not built here; the real node's tests build them or skip, saying why"
 
 lint: ## ruff
 	@$(VENV)/bin/ruff check .
