@@ -16,13 +16,20 @@ def read_fleet(path: Path, model_override: str | None = None) -> FleetSpec:
     """Parse and validate the manifest with the CRD's schema and defaults (FleetSpecError names
     the field). `model_override` replaces spec.model.source before validation."""
     try:
-        manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FleetSpecError([("<file>", f"cannot read {path}: {exc.strerror}")]) from exc
+    return fleet_from_text(text, str(path), model_override)
+
+
+def fleet_from_text(text: str, where: str, model_override: str | None = None) -> FleetSpec:
+    """A fleet from YAML (or JSON) text; `where` names its origin in errors."""
+    try:
+        manifest = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise FleetSpecError([("<file>", f"{path} is not valid YAML: {exc}")]) from exc
+        raise FleetSpecError([("<file>", f"{where} is not valid YAML: {exc}")]) from exc
     if not isinstance(manifest, dict):
-        raise FleetSpecError([("<root>", f"{path} does not hold one YAML mapping")])
+        raise FleetSpecError([("<root>", f"{where} does not hold one YAML mapping")])
     return parse_fleet(with_model(manifest, model_override))
 
 

@@ -250,7 +250,6 @@ def decide(obs: Observations, settings: Settings, now: str) -> Decision:
         obs.fleet,
         obs.tune_jobs,
         obs.tune_pods,
-        lambda job: owns(obs.fleet, job),
         owner=_owner(obs.fleet),
         image=spec.image or settings.worker_image,
         device=settings.worker_device,

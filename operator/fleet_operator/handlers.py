@@ -116,6 +116,10 @@ def _one(index: Any, key: Any) -> Any:
     return next(iter(store), None) if store else None
 
 
+def _all(index: Any, key: Any) -> list[Any]:
+    return list(index[key]) if key in index else []
+
+
 def _observe(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, Any]) -> Observations:
     """The fleet's Observations, from the indexes as they are now (call in the event loop)."""
     namespace, name = fleet["metadata"]["namespace"], fleet["metadata"]["name"]
@@ -140,10 +144,8 @@ def _observe(fleet: Mapping[str, Any], memo: kopf.Memo, indexes: Mapping[str, An
         other_pods=[pod for key in pods if key != (namespace, name) for pod in pods[key]],
         fleets=frozenset(fleet_id(ns, n) for ns, n in indexes["fleets_by_name"]),
         watched=memo.watched,
-        tune_jobs={job["metadata"]["name"]: job for job in jobs.get((namespace, name), ())}
-        if (namespace, name) in jobs
-        else {},
-        tune_pods=list(tune_pods[(namespace, name)]) if (namespace, name) in tune_pods else [],
+        tune_jobs={job["metadata"]["name"]: job for job in _all(jobs, (namespace, name))},
+        tune_pods=_all(tune_pods, (namespace, name)),
     )
 
 

@@ -82,20 +82,13 @@ class FakeKube:
             if kind == "Pod" and FLEET_LABEL in (body["metadata"].get("labels") or {}):
                 mine = ns == namespace and body["metadata"]["labels"][FLEET_LABEL] == name
                 (pods if mine else other_pods).append(trim_pod(body))
-        tune_jobs = {
-            child: trim_job(copy.deepcopy(body))
+        tuning = {
+            (kind, child): copy.deepcopy(body)
             for (kind, ns, child), body in self.objects.items()
-            if kind == "Job"
-            and ns == namespace
-            and (body["metadata"].get("labels") or {}).get(TUNE_LABEL) == name
+            if ns == namespace and (body["metadata"].get("labels") or {}).get(TUNE_LABEL) == name
         }
-        tune_pods = [
-            trim_tune_pod(copy.deepcopy(body))
-            for (kind, ns, _), body in self.objects.items()
-            if kind == "Pod"
-            and ns == namespace
-            and (body["metadata"].get("labels") or {}).get(TUNE_LABEL) == name
-        ]
+        tune_jobs = {c: trim_job(b) for (kind, c), b in tuning.items() if kind == "Job"}
+        tune_pods = [trim_tune_pod(b) for (kind, _), b in tuning.items() if kind == "Pod"]
         return Observations(
             fleet=fleet,
             nodes=[trim_node(copy.deepcopy(node)) for node in self.nodes.values()],

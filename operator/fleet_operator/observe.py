@@ -34,10 +34,9 @@ class Observations:
     # Keys of that ConfigMap old enough to be in the device plugin's volume by now; None: the
     # volume does not lag, so a key written in this pass may be selected in the same pass.
     synced_keys: frozenset[str] | None = None
-    tune_jobs: Mapping[str, Mapping[str, Any]] = field(
-        default_factory=dict
-    )  # name -> Job (trimmed)
-    tune_pods: Sequence[Mapping[str, Any]] = ()  # pods of the fleet's tune Jobs (trimmed)
+    # The fleet's tune Jobs by name, and their pods (trimmed).
+    tune_jobs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    tune_pods: Sequence[Mapping[str, Any]] = ()
 
     def watches(self, namespace: str) -> bool:
         return self.watched is None or namespace in self.watched

@@ -9,13 +9,14 @@ pod's termination message, one line of JSON written by `inferencefleet tune --re
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fleet_spec.spec import FleetSpec, defaulted
+from fleet_spec.spec import FleetSpec
 
 from fleet_operator.names import JOB_NAME_LABEL, tune_job_name
+from fleet_operator.observe import owns
 from fleet_operator.render.common import Owner
 from fleet_operator.render.tune import render_tune_job, tune_inputs
 
@@ -33,19 +34,12 @@ class TunePlan:
     force: bool = False  # apply the Job over one that may exist (this operator made it)
 
 
-def _finished(job: Mapping[str, Any]) -> str | None:
-    """ "Complete" or "Failed" once the Job controller says so, else None."""
+def _end(job: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The Job controller's Complete or Failed condition once it has one, else None."""
     for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
-            return str(condition["type"])
+            return dict(condition)
     return None
-
-
-def _job_message(job: Mapping[str, Any]) -> str:
-    for condition in (job.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "Failed" and condition.get("status") == "True":
-            return f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
-    return ""
 
 
 def _pod_of(job_name: str, pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -84,7 +78,7 @@ def summary(result: Mapping[str, Any]) -> str:
 
 
 def _ended(
-    base: dict[str, Any], job: Mapping[str, Any], pod: Mapping[str, Any] | None, now: str
+    base: dict[str, Any], end: Mapping[str, Any], pod: Mapping[str, Any] | None, now: str
 ) -> TunePlan:
     pod = pod or {}
     terminated = list((pod.get("status") or {}).get("terminated") or [])
@@ -109,7 +103,8 @@ def _ended(
         kind = "Normal" if status["withinBudget"] else "Warning"
         return TunePlan(None, status, (kind, "TuneSucceeded", status["summary"]))
     exit_code = terminated[0].get("exitCode") if terminated else None
-    why = message.strip()[-MESSAGE_LIMIT:] or _job_message(job)
+    job_says = f"{end.get('reason', '')}: {end.get('message', '')}".strip(": ")
+    why = message.strip()[-MESSAGE_LIMIT:] or (job_says if end.get("type") == "Failed" else "")
     text = f"the tune pod ended without a result (exit code {exit_code})"
     if why:
         text = f"{text}: {why}"
@@ -122,7 +117,6 @@ def plan_tune(
     fleet: Mapping[str, Any],
     jobs: Mapping[str, Mapping[str, Any]],
     pods: Sequence[Mapping[str, Any]],
-    owned: Callable[[Mapping[str, Any]], bool],
     *,
     owner: Owner,
     image: str,
@@ -133,8 +127,7 @@ def plan_tune(
     previous = (fleet.get("status") or {}).get("tune")
     if spec.tune is None:
         return TunePlan(None, previous)  # the last recommendation stays; no new run
-    manifest_spec = defaulted(fleet)["spec"]
-    inputs = tune_inputs(spec, manifest_spec, image, device)
+    inputs = tune_inputs(spec, image, device)
     name = tune_job_name(spec.name, inputs)
     if previous and previous.get("inputs") == inputs and previous.get("state") != RUNNING:
         return TunePlan(None, previous)  # this run is over; its answer stands
@@ -146,7 +139,7 @@ def plan_tune(
         # left as it is, a missing one runs again).
         again = bool(previous and previous.get("inputs") == inputs)
         manifest = render_tune_job(
-            spec, owner, manifest_spec, inputs=inputs, image=image, device=device
+            spec, owner, fleet["spec"], inputs=inputs, image=image, device=device
         )
         text = (
             f"Job {name} runs inferencefleet tune (p99 budget {spec.tune.p99_ms:g} ms, "
@@ -156,13 +149,14 @@ def plan_tune(
         if again:
             return TunePlan(manifest, previous, force=True)
         return TunePlan(manifest, status, ("Normal", "TuneStarted", text))
-    if not owned(job):
+    if not owns(fleet, job):
         text = f"Job {spec.namespace}/{name} exists and is not this fleet's"
         status = {**base, "state": FAILED, "summary": "failed", "message": text}
         return TunePlan(None, status, ("Warning", "TuneFailed", text))
     pod = _pod_of(name, pods)
-    if _finished(job) is not None:
-        return _ended(base, job, pod, now)
+    end = _end(job)
+    if end is not None:
+        return _ended(base, end, pod, now)
     node = (pod or {}).get("spec", {}).get("nodeName")
     status = {
         **base,

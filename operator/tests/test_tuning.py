@@ -24,7 +24,7 @@ from fleet_operator.tuning import parse_result
 from fleet_spec.spec import FleetSpecError, parse_fleet
 from fleet_tune.report import result_json
 from fleet_tune.search import Config, Measurement, Outcome
-from fleet_tune.tune import manifest_from_env
+from fleet_tune.tune import fleet_from_env
 from tests.test_reconcile import ADA, NOW, PLUGIN, fleet, node
 
 TUNE = {"p99Ms": 50, "budgetSeconds": 30}
@@ -135,7 +135,7 @@ def test_tune_job_is_the_worker_image_running_tune_restricted_and_no_worker(
     # the fleet travels in the environment, and tune reads it back as the same fleet
     env = {e["name"]: e["value"] for e in container["env"]}
     monkeypatch.setenv("TEST_TUNE_FLEET", env[FLEET_ENV])
-    seen = parse_fleet(manifest_from_env("TEST_TUNE_FLEET"))
+    seen = fleet_from_env("TEST_TUNE_FLEET")
     assert seen == parse_fleet({**body, "metadata": {"name": "detector", "namespace": "vision"}})
 
 

@@ -12,13 +12,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-import yaml
 from fleet_client.argtypes import at_least_one, int_list, non_negative_seconds, positive_seconds
 from fleet_client.targets import TargetError
 from fleet_local.host import discover
-from fleet_local.manifest import check_model_file, read_fleet
+from fleet_local.manifest import check_model_file, fleet_from_text, read_fleet
 from fleet_local.plan import LocalHost, Options
 from fleet_local.run import taken_ports
 from fleet_spec.spec import API_VERSION, KIND, FleetSpec, FleetSpecError, parse_fleet
@@ -111,7 +109,7 @@ def load_spec(source: str) -> FleetSpec:
     """A fleet.yaml, or a fleet around a bare model source (defaults for everything else)."""
     path = Path(source)
     if source.startswith(ENV_PREFIX):
-        spec = parse_fleet(manifest_from_env(source[len(ENV_PREFIX) :]))
+        spec = fleet_from_env(source[len(ENV_PREFIX) :])
     elif path.suffix in (".yaml", ".yml"):
         spec = read_fleet(path)
     else:
@@ -122,19 +120,13 @@ def load_spec(source: str) -> FleetSpec:
     return spec
 
 
-def manifest_from_env(name: str) -> dict[str, Any]:
+def fleet_from_env(name: str) -> FleetSpec:
     """A fleet manifest held in an environment variable (how the operator's tune Job passes
     the fleet)."""
     text = os.environ.get(name)
     if not text:
         raise FleetSpecError([(f"${name}", "is not set (env: names a variable holding a fleet)")])
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise FleetSpecError([(f"${name}", f"is not YAML or JSON: {exc}")]) from exc
-    if not isinstance(document, dict):
-        raise FleetSpecError([(f"${name}", "must hold one InferenceFleet manifest")])
-    return document
+    return fleet_from_text(text, f"${name}")
 
 
 def one_gpu(host: LocalHost, device: str) -> LocalHost:

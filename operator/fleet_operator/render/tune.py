@@ -8,6 +8,7 @@ carries TUNE_LABEL, not the fleet label, so neither the Deployment nor the Servi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -39,15 +40,16 @@ START_ALLOWANCE_S = 900
 KEEP_FINISHED_S = 3600  # a finished Job (and its pod's log) stays this long
 
 
-def tune_inputs(spec: FleetSpec, manifest_spec: Mapping[str, Any], image: str, device: str) -> str:
+def tune_inputs(spec: FleetSpec, image: str, device: str) -> str:
     """A hash of everything the tune run's answer depends on."""
+    assert spec.tune is not None
     measured = {
-        "model": manifest_spec.get("model"),
+        "model": dataclasses.asdict(spec.model),
         "image": image,
         "device": device,
-        "tune": manifest_spec.get("tune"),
+        "tune": dataclasses.asdict(spec.tune),
         "product": spec.gpu.product,
-        "resources": manifest_spec.get("resources"),
+        "resources": spec.resources,
         "processesPerPod": spec.processes_per_pod,
     }
     text = json.dumps(measured, sort_keys=True, separators=(",", ":"))
@@ -55,7 +57,8 @@ def tune_inputs(spec: FleetSpec, manifest_spec: Mapping[str, Any], image: str, d
 
 
 def _fleet_manifest(owner: Owner, manifest_spec: Mapping[str, Any]) -> str:
-    """The fleet as tune reads it from $INFERENCEFLEET_FLEET (spec only, defaults applied)."""
+    """The fleet as tune reads it from $INFERENCEFLEET_FLEET (its spec as stored; tune applies
+    the CRD's defaults itself)."""
     document = {
         "apiVersion": API_VERSION,
         "kind": KIND,
