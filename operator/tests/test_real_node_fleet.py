@@ -213,7 +213,14 @@ def check_the_fleet(
         ready = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
         # The log's time has sub-second digits; the condition's is whole seconds.
         warm_at = _time(warm.split()[0][:19] + "Z")
-        assert _time(ready["lastTransitionTime"]) >= warm_at, (warm, ready)
+        ready_at = _time(ready["lastTransitionTime"])
+        assert ready_at >= warm_at, (warm, ready)
+        created = _time(pod["metadata"]["creationTimestamp"])
+        started = _time(pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"])
+        print(
+            f"pod {pod['metadata']['name']}: created to Ready {(ready_at - created).seconds} s, "
+            f"container start to Ready {(ready_at - started).seconds} s"
+        )
 
     # Inference through the pods' addresses, as the headless Service's EndpointSlices give
     # them, answered the same as a local worker started with a pod's own arguments.
