@@ -153,14 +153,19 @@ def node_gpus(cluster: Cluster, node: str) -> tuple[str, str, dict[str, str]]:
 def wait_for_sharing(
     cluster: Cluster, node: str, gpus: int, replicas: int, strategy: str, product: str
 ) -> None:
-    """Wait until the node advertises `gpus`, then check the sharing labels."""
-    wait_until(
-        f"{node} to advertise {gpus} GPUs",
-        lambda: node_gpus(cluster, node)[:2] == (str(gpus), str(gpus)),
+    """Wait until the node advertises `gpus` with `replicas` in its label (the count and the
+    labels are written apart), then check the other sharing labels."""
+
+    def reached() -> dict[str, str] | None:
+        capacity, allocatable, labels = node_gpus(cluster, node)
+        ok = (capacity, allocatable) == (str(gpus), str(gpus))
+        return labels if ok and labels.get("nvidia.com/gpu.replicas") == str(replicas) else None
+
+    labels: dict[str, str] = wait_until(
+        f"{node} to advertise {gpus} GPUs, {replicas} replicas each",
+        reached,
         timeout=90,  # a label set before the volume has its key: config-manager's back-off
     )
-    labels = node_gpus(cluster, node)[2]
-    assert labels["nvidia.com/gpu.replicas"] == str(replicas)
     assert labels["nvidia.com/gpu.sharing-strategy"] == strategy
     assert labels["nvidia.com/gpu.product"] == product
     assert labels["nvidia.com/gpu.count"] == "2"  # the physical GPUs, always (2 on Ada)

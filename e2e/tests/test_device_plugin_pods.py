@@ -19,16 +19,31 @@ def sharing(strategy: str, replicas: int) -> str:
 
 
 def wait_gpus(
-    plugins: DevicePlugins, node: str, want: dict[str, str], timeout: float = 60
+    plugins: DevicePlugins,
+    node: str,
+    want: dict[str, str],
+    labels: dict[str, str] | None = None,
+    timeout: float = 60,
 ) -> dict[str, str]:
-    """Wait until the node advertises `want`; return its nvidia.com/gpu.* labels."""
-    wait_until(f"{node} to advertise {want}", lambda: plugins.node(node)[0] == want, timeout)
-    return plugins.node(node)[1]
+    """Wait until the node advertises `want` and carries `labels`; return its nvidia.com/gpu.*
+    labels. The allocatable count and feature discovery's labels are written apart, so a test
+    that checks both waits for both."""
+
+    def reached() -> dict[str, str] | None:
+        gpus, have = plugins.node(node)
+        ok = gpus == want and all(have.get(k) == v for k, v in (labels or {}).items())
+        return have if ok else None
+
+    found: dict[str, str] = wait_until(
+        f"{node} to advertise {want} with labels {labels or {}}", reached, timeout
+    )
+    return found
 
 
 def test_the_default_key_serves_unlabelled_nodes(device_plugins: DevicePlugins) -> None:
-    labels = wait_gpus(device_plugins, NODE, {"nvidia.com/gpu": "2"})
-    assert labels["nvidia.com/gpu.replicas"] == "1"
+    labels = wait_gpus(
+        device_plugins, NODE, {"nvidia.com/gpu": "2"}, {"nvidia.com/gpu.replicas": "1"}
+    )
     assert labels["nvidia.com/gpu.sharing-strategy"] == "none"
     assert "Attempting to find config named: default" in device_plugins.log(NODE, "init")
 
@@ -36,8 +51,9 @@ def test_the_default_key_serves_unlabelled_nodes(device_plugins: DevicePlugins) 
 def test_an_unlabelled_node_takes_the_only_key(device_plugins: DevicePlugins) -> None:
     device_plugins.set_configmap({"ts-2": sharing("timeSlicing", 2)})
     device_plugins.restart(NODE)
-    labels = wait_gpus(device_plugins, NODE, {"nvidia.com/gpu": "4"})
-    assert labels["nvidia.com/gpu.replicas"] == "2"
+    labels = wait_gpus(
+        device_plugins, NODE, {"nvidia.com/gpu": "4"}, {"nvidia.com/gpu.replicas": "2"}
+    )
     assert labels["nvidia.com/gpu.sharing-strategy"] == "time-slicing"
     assert labels["nvidia.com/gpu.product"] == f"{ADA}-SHARED"
 
@@ -76,8 +92,13 @@ def test_a_key_the_volume_lacks_crash_loops_the_sidecar_until_it_appears(
         "the sidecar to exit", lambda: missing in device_plugins.log(NODE, "sidecar"), timeout=30
     )
     assert device_plugins.node(NODE)[0] == {"nvidia.com/gpu": "2"}  # the plugin keeps what it had
-    labels = wait_gpus(device_plugins, NODE, {"nvidia.com/gpu": "6"}, timeout=150)
-    assert labels["nvidia.com/gpu.replicas"] == "3"
+    wait_gpus(
+        device_plugins,
+        NODE,
+        {"nvidia.com/gpu": "6"},
+        {"nvidia.com/gpu.replicas": "3"},
+        timeout=150,
+    )
     assert device_plugins.in_volume(NODE, "ts-3")
     assert (
         device_plugins.log(NODE, "sidecar").count(missing) >= 2
