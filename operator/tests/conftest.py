@@ -113,6 +113,13 @@ class OperatorProcess:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
 
+def _condition(fleet: dict[str, Any], kind: str) -> dict[str, Any]:
+    for condition in (fleet.get("status") or {}).get("conditions") or []:
+        if condition["type"] == kind:
+            return dict(condition)
+    return {}
+
+
 class Fleets:
     """Fleet operations for e2e tests, in one namespace, through kubectl and the API."""
 
@@ -159,14 +166,11 @@ class Fleets:
         return fleet
 
     def condition(self, name: str, kind: str) -> dict[str, Any]:
-        fleet = self.get(name) or {}
-        for condition in (fleet.get("status") or {}).get("conditions") or []:
-            if condition["type"] == kind:
-                return dict(condition)
-        return {}
+        return _condition(self.get(name) or {}, kind)
 
     def wait_ready(self, name: str, timeout: float = 90) -> dict[str, Any]:
-        """Until status says Ready for the current generation; returns the fleet."""
+        """Until status says Ready for the current generation; returns that same read of the
+        fleet (a second read could be older or newer than the one that said Ready)."""
 
         def ready() -> dict[str, Any] | None:
             fleet = self.get(name) or {}
@@ -174,7 +178,7 @@ class Fleets:
             current = status.get("observedGeneration") == fleet.get("metadata", {}).get(
                 "generation"
             )
-            ok = self.condition(name, "Ready").get("status") == "True"
+            ok = _condition(fleet, "Ready").get("status") == "True"
             return fleet if current and ok else None
 
         fleet: dict[str, Any] = wait_until(f"fleet {name} Ready", ready, timeout=timeout)
