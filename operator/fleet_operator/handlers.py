@@ -291,6 +291,18 @@ async def tune_job_moved(
         await _look_again(namespace, labels[TUNE_LABEL], memo, kwargs)
 
 
+@kopf.on.event("", "v1", "pods", labels={TUNE_LABEL: kopf.PRESENT})
+async def tune_pod_moved(
+    event: kopf.RawEvent, labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """A tune pod's container ended or the pod went: a Job seen ended before its pod waits on
+    this for the result."""
+    if not namespace or labels.get(MANAGED_BY) != MANAGED_BY_VALUE:
+        return
+    if event.get("type") == "DELETED" or trim_tune_pod(event["object"])["status"]["terminated"]:
+        await _look_again(namespace, labels[TUNE_LABEL], memo, kwargs)
+
+
 @kopf.on.event("", "v1", "services", labels={MANAGED_BY: MANAGED_BY_VALUE})
 @kopf.on.event("", "v1", "configmaps", labels={MANAGED_BY: MANAGED_BY_VALUE})
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels={MANAGED_BY: MANAGED_BY_VALUE})

@@ -234,6 +234,26 @@ def test_a_job_that_ended_without_a_result_is_a_failure(
     assert status["message"] == "the tune pod ended without a result (exit code 0)"
 
 
+def test_a_job_seen_ended_before_its_pod_waits_for_the_pods_result(
+    kube: FakeKube, reconciler: Reconciler
+) -> None:
+    kube.add_fleet(fleet(tune=TUNE))
+    reconciler.reconcile(kube.observe("vision", "detector"))
+    (name,) = jobs(kube)
+    finish(kube, name, a_result())
+    pod = kube.objects[("Pod", "vision", f"{name}-abcde")]
+    ended = pod["status"]
+    pod["status"] = {"phase": "Running", "containerStatuses": [{"state": {"running": {}}}]}
+    reconciler.reconcile(kube.observe("vision", "detector"))
+    status = tune_status(kube)
+    assert status["state"] == "Running"
+    assert "reading its pod's result" in status["message"]
+
+    pod["status"] = ended  # the pod's watch catches up
+    reconciler.reconcile(kube.observe("vision", "detector"))
+    assert tune_status(kube)["state"] == "Succeeded"
+
+
 def test_a_job_of_that_name_that_is_not_ours_is_not_taken(
     kube: FakeKube, reconciler: Reconciler
 ) -> None:
