@@ -243,11 +243,11 @@ def test_watching_every_namespace_still_keeps_the_operator_to_its_own_objects(
         "--set", "watchAllNamespaces=true",
     )  # fmt: skip
     who = installed
-    can = cluster.kubectl(
-        "auth", "can-i", "create", "deployments.apps", "-n", "kube-system", f"--as={who}",
-        check=False,
-    )  # fmt: skip
-    assert can.stdout.strip() == "yes"  # RBAC grants it ...
+    wait_until(  # RBAC grants it (once the apiserver's authorizer has the new binding) ...
+        "RBAC to grant Deployments in kube-system",
+        lambda: can_i(cluster, who, "create", "deployments.apps", "kube-system"),
+        timeout=30,
+    )
     stranger = workload("Deployment", "stranger", "kube-system", managed=False, owned=False)
     wait_until(  # ... and the policy refuses it
         "the admission policy refuses a Deployment in kube-system",

@@ -217,10 +217,13 @@ def test_time_slicing_label_multiplies_gpus_and_removing_it_undoes_it(
         cluster.kubectl(
             "apply", "-n", namespace, "-f", "-", input=deployment("shared", 8, 1, **pinned)
         )
-        cluster.kubectl(
-            "wait", "-n", namespace, "deploy/shared", "--for=condition=Available", "--timeout=90s"
-        )
-        assert {p["spec"]["nodeName"] for p in pods(cluster, namespace, "shared")} == {node}
+
+        def all_eight_placed() -> set[str]:  # Available holds from 6 of 8 (maxUnavailable 25%)
+            found = pods(cluster, namespace, "shared")
+            nodes = {p["spec"].get("nodeName") for p in found}
+            return nodes if len(found) == 8 and None not in nodes else set()
+
+        assert wait_until("8 pods scheduled", all_eight_placed, timeout=90) == {node}
 
         # kwok's node heartbeat rewrites node status every 20-45 s: the capacity must stay.
         before = heartbeat(cluster, node)
@@ -252,10 +255,16 @@ def test_mps_and_a_renamed_resource(
             return {k: v for k, v in allocatable.items() if k.startswith("nvidia.com/gpu")}
 
         want = {"nvidia.com/gpu": "0", "nvidia.com/gpu.shared": "2"}
-        wait_until("nvidia.com/gpu.shared on the Blackwell node", lambda: shared_gpus() == want, 90)
-        labels = node_gpus(cluster, blackwell)[2]
+
+        def shared_and_labelled() -> dict[str, str] | None:  # status and labels: two patches
+            if shared_gpus() != want:
+                return None
+            labels = node_gpus(cluster, blackwell)[2]  # the labels' patch comes second
+            shared = labels.get("nvidia.com/gpu.sharing-strategy") == "time-slicing"
+            return labels if shared else None
+
+        labels = wait_until("nvidia.com/gpu.shared on the Blackwell node", shared_and_labelled, 90)
         assert labels["nvidia.com/gpu.product"] == BLACKWELL  # renamed: no -SHARED
-        assert labels["nvidia.com/gpu.sharing-strategy"] == "time-slicing"
     finally:
         cluster.kubectl("label", "node", ada, blackwell, f"{LABEL_CONFIG}-")
     wait_for_sharing(cluster, ada, 2, 1, "none", ADA)

@@ -181,9 +181,12 @@ def test_a_fleet_that_cannot_fit_says_so_and_does_not_thrash(fleets: Any) -> Non
         lambda: any(e["reason"] == "InsufficientGPUSlots" for e in fleets.events("toobig")),
         timeout=30,
     )
-    wait_until("the one pod that fits to run", lambda: len(fleets.pods("toobig")) == 1, timeout=60)
-    pods = fleets.pods("toobig")
-    assert all(p["spec"].get("nodeName") for p in pods), "a pod was left Pending"
+
+    def one_pod_bound() -> list[dict[str, Any]]:  # bound by the scheduler after it is made
+        found = fleets.pods("toobig")
+        return found if len(found) == 1 and all(p["spec"].get("nodeName") for p in found) else []
+
+    pods = wait_until("the one pod that fits to be scheduled", one_pod_bound, timeout=60)
 
     fleets.kubectl("scale", "ifleet/toobig", "--replicas=4")  # another reconcile, still too big
 
@@ -309,9 +312,10 @@ def test_tune_runs_as_a_job_and_its_end_reaches_status(fleets: Any) -> None:
     # no worker: the fleet's selector does not take the tune pod
     assert pod["metadata"]["uid"] not in _uids(fleets.pods("tuner"))
     assert "failed" in fleets.kubectl("get", "ifleet", "tuner")
-    # one run per set of inputs: the ended run is not started again
-    fleets.kubectl("annotate", "ifleet", "tuner", "example.com/poke=1")
-    fleets.wait_ready("tuner")
+    # one run per set of inputs: the ended run is not started again by a pass that sees a
+    # change outside them (the replica count; wait_ready waits for that generation)
+    fleets.kubectl("scale", "ifleet/tuner", "--replicas=2")
+    assert fleets.wait_ready("tuner")["status"]["readyReplicas"] == 2
     jobs = json.loads(
         fleets.kubectl("get", "jobs", "-l", "inferencefleet.dev/tune=tuner", "-o", "json")
     )

@@ -198,8 +198,13 @@ def check_the_fleet(
 ) -> None:
     fleets.apply(example_on_the_real_node(namespace))
     fleets.wait_ready(NAME, timeout=420)  # two pods import torch and warm up on 2 shared CPUs
-    pods = _ready_pods(fleets)
-    assert len(pods) == 2
+
+    # The fleet's status is the operator's last pass; the pods are read now.
+    def two_ready_pods() -> list[dict[str, Any]]:
+        found = _ready_pods(fleets)
+        return found if len(found) == 2 else []
+
+    pods = wait_until("two ready pods", two_ready_pods, timeout=60)
     assert {p["spec"]["nodeName"] for p in pods} == {realnode.NODE_NAME}
     assert {p["spec"]["containers"][0]["image"] for p in pods} == {worker_image}
     uids = {p["metadata"]["uid"] for p in pods}
