@@ -75,6 +75,14 @@ def finish(kube: FakeKube, job: str, message: str, *, failed: bool = False, code
     }
 
 
+def started(kube: FakeKube, reconciler: Reconciler) -> str:
+    """A fleet with spec.tune, after the pass that creates its Job; the Job's name."""
+    kube.add_fleet(fleet(tune=TUNE))
+    reconciler.reconcile(kube.observe("vision", "detector"))
+    (name,) = jobs(kube)
+    return name
+
+
 def a_result(p99_ms: float = 31.5) -> str:
     """A result line as `inferencefleet tune --result-file` writes it, for a GPU host."""
     outcome = Outcome(
@@ -142,9 +150,7 @@ def test_tune_job_is_the_worker_image_running_tune_restricted_and_no_worker(
 def test_a_run_goes_from_running_to_its_recommendation_once(
     kube: FakeKube, reconciler: Reconciler
 ) -> None:
-    kube.add_fleet(fleet(tune=TUNE))
-    reconciler.reconcile(kube.observe("vision", "detector"))
-    (name,) = jobs(kube)
+    name = started(kube, reconciler)
     status = tune_status(kube)
     assert status["state"] == "Running"
     assert status["job"] == name
@@ -195,9 +201,7 @@ def test_a_new_budget_is_a_new_run(kube: FakeKube, reconciler: Reconciler) -> No
 
 
 def test_over_budget_is_said_so(kube: FakeKube, reconciler: Reconciler) -> None:
-    kube.add_fleet(fleet(tune=TUNE))
-    reconciler.reconcile(kube.observe("vision", "detector"))
-    (name,) = jobs(kube)
+    name = started(kube, reconciler)
     finish(kube, name, a_result(p99_ms=75.0), failed=True, code=1)
     reconciler.reconcile(kube.observe("vision", "detector"))
     status = tune_status(kube)
@@ -208,9 +212,7 @@ def test_over_budget_is_said_so(kube: FakeKube, reconciler: Reconciler) -> None:
 
 
 def test_a_failed_run_keeps_its_log_tail(kube: FakeKube, reconciler: Reconciler) -> None:
-    kube.add_fleet(fleet(tune=TUNE))
-    reconciler.reconcile(kube.observe("vision", "detector"))
-    (name,) = jobs(kube)
+    name = started(kube, reconciler)
     tail = "loading\ninferencefleet tune: no worker became ready: CUDA error\n"
     finish(kube, name, tail, failed=True, code=1)
     reconciler.reconcile(kube.observe("vision", "detector"))
@@ -224,9 +226,7 @@ def test_a_failed_run_keeps_its_log_tail(kube: FakeKube, reconciler: Reconciler)
 def test_a_job_that_ended_without_a_result_is_a_failure(
     kube: FakeKube, reconciler: Reconciler
 ) -> None:
-    kube.add_fleet(fleet(tune=TUNE))
-    reconciler.reconcile(kube.observe("vision", "detector"))
-    (name,) = jobs(kube)
+    name = started(kube, reconciler)
     finish(kube, name, "")
     reconciler.reconcile(kube.observe("vision", "detector"))
     status = tune_status(kube)
@@ -237,9 +237,7 @@ def test_a_job_that_ended_without_a_result_is_a_failure(
 def test_a_job_seen_ended_before_its_pod_waits_for_the_pods_result(
     kube: FakeKube, reconciler: Reconciler
 ) -> None:
-    kube.add_fleet(fleet(tune=TUNE))
-    reconciler.reconcile(kube.observe("vision", "detector"))
-    (name,) = jobs(kube)
+    name = started(kube, reconciler)
     finish(kube, name, a_result())
     pod = kube.objects[("Pod", "vision", f"{name}-abcde")]
     ended = pod["status"]
@@ -257,9 +255,7 @@ def test_a_job_seen_ended_before_its_pod_waits_for_the_pods_result(
 def test_a_job_of_that_name_that_is_not_ours_is_not_taken(
     kube: FakeKube, reconciler: Reconciler
 ) -> None:
-    kube.add_fleet(fleet(tune=TUNE))
-    reconciler.reconcile(kube.observe("vision", "detector"))
-    (name,) = jobs(kube)
+    name = started(kube, reconciler)
     job = kube.objects[("Job", "vision", name)]
     job["metadata"]["ownerReferences"] = [{"uid": "someone", "controller": True}]
     kube.fleet("vision", "detector")["status"].pop("tune")
