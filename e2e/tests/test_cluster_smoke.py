@@ -248,20 +248,19 @@ def test_mps_and_a_renamed_resource(
         cluster.kubectl("label", "node", blackwell, f"{LABEL_CONFIG}={renamed}")
         wait_for_sharing(cluster, ada, 6, 3, "mps", f"{ADA}-SHARED")
 
-        def shared_gpus() -> dict[str, str]:
-            allocatable: dict[str, str] = get_json(cluster, "node", blackwell)["status"][
-                "allocatable"
-            ]
-            return {k: v for k, v in allocatable.items() if k.startswith("nvidia.com/gpu")}
+        def shared_gpus() -> tuple[dict[str, str], dict[str, str]]:
+            """The Blackwell node's allocatable nvidia.com/gpu*, and its labels (one read)."""
+            found = get_json(cluster, "node", blackwell)
+            allocatable: dict[str, str] = found["status"]["allocatable"]
+            gpus = {k: v for k, v in allocatable.items() if k.startswith("nvidia.com/gpu")}
+            return gpus, found["metadata"]["labels"]
 
         want = {"nvidia.com/gpu": "0", "nvidia.com/gpu.shared": "2"}
 
         def shared_and_labelled() -> dict[str, str] | None:  # status and labels: two patches
-            if shared_gpus() != want:
-                return None
-            labels = node_gpus(cluster, blackwell)[2]  # the labels' patch comes second
+            gpus, labels = shared_gpus()
             shared = labels.get("nvidia.com/gpu.sharing-strategy") == "time-slicing"
-            return labels if shared else None
+            return labels if gpus == want and shared else None
 
         labels = wait_until("nvidia.com/gpu.shared on the Blackwell node", shared_and_labelled, 90)
         assert labels["nvidia.com/gpu.product"] == BLACKWELL  # renamed: no -SHARED
@@ -270,7 +269,7 @@ def test_mps_and_a_renamed_resource(
     wait_for_sharing(cluster, ada, 2, 1, "none", ADA)
     # As a kubelet does, the resource whose plugin went away stays in the status at 0.
     unshared = {"nvidia.com/gpu": "1", "nvidia.com/gpu.shared": "0"}
-    wait_until("the renamed resource to drop to 0", lambda: shared_gpus() == unshared, 90)
+    wait_until("the renamed resource to drop to 0", lambda: shared_gpus()[0] == unshared, 90)
 
 
 def test_unknown_profile_key_changes_nothing(cluster: Cluster) -> None:

@@ -155,13 +155,13 @@ def plan_tune(
         return TunePlan(None, status, ("Warning", "TuneFailed", text))
     pod = _pod_of(name, pods)
     end = _end(job)
-    if end is not None and pod is not None and not (pod.get("status") or {}).get("terminated"):
+    if end is not None:
+        if pod is None or (pod.get("status") or {}).get("terminated"):
+            return _ended(base, end, pod, now)
         # The Job's watch ran ahead of the pod's: the result is in the container's end, which
         # the pod's next event brings (or its deletion, which ends the wait).
         text = f"Job {name} ended ({end['type']}); reading its pod's result"
         return TunePlan(None, {**base, "state": RUNNING, "summary": "finishing", "message": text})
-    if end is not None:
-        return _ended(base, end, pod, now)
     node = (pod or {}).get("spec", {}).get("nodeName")
     status = {
         **base,
