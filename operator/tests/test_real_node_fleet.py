@@ -311,7 +311,12 @@ def check_the_fleet(
         except Exception:
             return False
 
-    wait_until(f"{address} to answer", service_answers, timeout=60, interval=1)
+    try:
+        wait_until(f"{address} to answer", service_answers, timeout=60, interval=1)
+    except AssertionError as exc:  # say what kube-proxy was doing
+        log = fleets.cluster.state.dir / "logs" / "kube-proxy.log"
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+        raise AssertionError(f"{exc}\nkube-proxy's log ends:\n{tail}") from exc
     load = BenchLoop(address, model, workdir)
     load.start()
     try:
