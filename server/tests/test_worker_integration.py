@@ -48,8 +48,10 @@ def test_many_concurrent_clients_each_get_their_own_answers(
     tiny_worker: Any, tiny_reference: ModelRunner, frames: Frames
 ) -> None:
     target = tiny_worker.target
+    # 1 or 2 frames each: 8 clients hold at most 16 frames in flight, within the worker's
+    # queue of 16, so however slowly the model runs nothing is turned away.
     inputs = {
-        f"c{c}-r{r}": frames(1 + (c + r) % 3, seed=100 * c + r) for c in range(8) for r in range(6)
+        f"c{c}-r{r}": frames(1 + (c + r) % 2, seed=100 * c + r) for c in range(8) for r in range(6)
     }
 
     async def one_client(c: int) -> dict[str, npt.NDArray[np.float32]]:
