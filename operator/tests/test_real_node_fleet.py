@@ -95,13 +95,15 @@ def _metric(address: str, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-async def _infer(targets: list[str], model: str, frames: np.ndarray) -> list[np.ndarray]:
+async def _infer(
+    targets: list[str], model: str, frames: np.ndarray, deadline_s: float = 60
+) -> list[np.ndarray]:
     from fleet_client.client import InferenceClient
 
     answers = []
     for target in targets:
         async with InferenceClient(target) as client:
-            answers.append(np.asarray(await client.infer(model, frames, deadline_s=60)))
+            answers.append(np.asarray(await client.infer(model, frames, deadline_s=deadline_s)))
     return answers
 
 
@@ -306,8 +308,10 @@ def check_the_fleet(
     address = f"{ip['clusterIP']}:8001"
 
     def service_answers() -> bool:  # kube-proxy has the new Service's rules
+        # A short deadline per try, so a try made before the rules exist gives up and the next
+        # one opens a new connection (with 60 s, one stuck try used the whole wait).
         try:
-            return bool(asyncio.run(_infer([address], model, frames[:1])))
+            return bool(asyncio.run(_infer([address], model, frames[:1], deadline_s=5)))
         except Exception:
             return False
 
